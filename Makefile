@@ -1,0 +1,33 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Everything installs into ./.venv from PyPI; the router is compiled on install.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pushsvc/_router.pyx pushsvc/_router.pxd | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python
+	@echo ">>> installing pushsvc and its test tools into $(VENV) (compiles the router)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/pushsvc demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m pytest benchmarks --benchmark-disable-gc
+
+clean:
+	rm -rf build *.egg-info pushsvc/*.so pushsvc/_router.c pushsvc/_router.html

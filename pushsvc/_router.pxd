@@ -1,0 +1,115 @@
+# The compiled core: connections, rooms, the event decoder and the batch handoff.
+from libc.stdint cimport int64_t, uint64_t
+from picows.picows cimport WSFrame, WSListener, WSTransport
+
+cdef enum:
+    # Event kinds; 0 is reserved for "no kind".
+    KIND_MARKET_PRICE = 1
+    KIND_PNL_UPDATE = 2
+    KIND_POSITION_UPDATE = 3
+    KIND_RULE_STATUS = 4
+    KIND_VIOLATION = 5
+    KIND_ASSESSMENT_UPDATE = 6
+
+cdef enum:
+    # Why a Kafka record was dropped; indexes into Router._dropped.
+    DROP_NONE = 0
+    DROP_INVALID_JSON = 1
+    DROP_NOT_OBJECT = 2
+    DROP_UNKNOWN_TYPE = 3
+    DROP_MISSING_ASSESSMENT = 4
+    DROP_EMPTY = 5
+    DROP_KAFKA_ERROR = 6
+    DROP_COUNT = 7
+
+cdef enum:
+    # Why a client frame was ignored; indexes into Router._ignored.
+    IGNORED_INVALID_JSON = 0
+    IGNORED_NOT_OBJECT = 1
+    IGNORED_UNKNOWN_TYPE = 2
+    IGNORED_BINARY = 3
+    IGNORED_FRAGMENTED = 4
+    IGNORED_COUNT = 5
+
+
+cdef class Connection(WSListener):
+    cdef:
+        readonly str connection_id
+        readonly str user_id
+        readonly str assessment_id
+        readonly double connected_at
+        readonly double last_seen
+        Router _router
+        WSTransport _transport
+        Py_ssize_t _index
+        Py_ssize_t _room_index
+        bytes _pending
+        char* _buf
+        Py_ssize_t _buf_len
+        Py_ssize_t _buf_cap
+        bint _buf_used
+        Py_ssize_t _queued
+        int _invalid_frames
+        double _invalid_window_start
+        bint _closing
+        int _recv_close_code
+
+    cdef inline int _enqueue(self, bytes frame) except -1
+    cdef int _flush(self) except -1
+    cdef int _buf_append(self, const char* data, Py_ssize_t size) except -1
+    cdef void _buf_release(self) noexcept
+    cdef int _on_text(self, WSFrame frame) except -1
+    cdef int _on_invalid(self, int reason) except -1
+    cdef int _send_now(self, object message) except -1
+    cpdef close(self, int code, str reason)
+
+
+cdef class Router:
+    cdef:
+        dict _rooms
+        list _conns
+        list _dirty
+        list _spare
+        object _logger
+        bint _log_debug
+        object _on_closed
+        double _heartbeat_interval_s
+        double _connection_timeout_s
+        int _max_invalid_frames
+        double _next_ping
+        double _last_drop_log
+        uint64_t _drops_since_log
+        readonly uint64_t messages_sent
+        readonly uint64_t messages_received
+        readonly uint64_t kafka_processed
+        readonly uint64_t heartbeat_failures
+        readonly uint64_t batches
+        uint64_t _dropped[DROP_COUNT]
+        uint64_t _ignored[IGNORED_COUNT]
+        dict _closed_by_code
+        # Scratch output of _decode, valid until the next call.
+        int _ev_kind
+        str _ev_room
+        bytes _ev_payload
+        unsigned long _loop_thread
+
+    cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms) except -1
+    cdef int _fan_out(self) except -1
+    cdef int _flush(self) except -1
+    cdef int _register(self, Connection conn) except -1
+    cdef int _unregister(self, Connection conn) except -1
+    cdef int _count_drop(self, int reason, object topic, object raw) except -1
+    cdef int _count_close(self, int code) except -1
+    cpdef deliver(self, list batch)
+    cpdef sweep(self)
+
+
+cdef class BatchHandoff:
+    cdef:
+        object _queue
+        object _call_soon_threadsafe
+        Router _router
+        bint _scheduled
+        readonly uint64_t wakeups
+        readonly uint64_t batches
+        unsigned long _loop_thread

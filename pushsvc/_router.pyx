@@ -1,0 +1,740 @@
+# The hot path of pushsvc: decode a Kafka record once, serialize it once, frame
+# it once, and write the same bytes to every connection it belongs to.
+#
+# Everything here runs on the event loop thread except BatchHandoff.push, which
+# the Kafka consumer thread calls. picows transports are touched only from the
+# loop thread (picows checks this itself in send()/send_close(); our direct
+# _fast_write path does not, so a debug build asserts it here).
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+from libc.time cimport time_t, tm
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+import collections
+import logging
+import uuid
+
+import orjson
+
+cdef extern from "<time.h>" nogil:
+    tm* gmtime_r(const time_t* timep, tm* result)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint16_t htons(uint16_t)
+
+cdef extern from "<endian.h>" nogil:
+    uint64_t htobe64(uint64_t)
+
+cdef extern from "pythread.h":
+    unsigned long PyThread_get_thread_ident()
+
+cdef extern from *:
+    """
+    #ifndef PUSHSVC_DEBUG
+    #define PUSHSVC_DEBUG 0
+    #endif
+    """
+    const int PUSHSVC_DEBUG
+
+cdef:
+    object _loads = orjson.loads
+    object _dumps = orjson.dumps
+    object _JSONDecodeError = orjson.JSONDecodeError
+    object _uuid4 = uuid.uuid4
+    object _logger = logging.getLogger("pushsvc.router")
+
+    # The topics whose name says what their records are, for producers that
+    # leave "type" out of the value.
+    dict _TOPIC_KINDS = {
+        "market-data.prices": KIND_MARKET_PRICE,
+        "trading.pnl": KIND_PNL_UPDATE,
+        "trading.positions": KIND_POSITION_UPDATE,
+        "risk.rule-status": KIND_RULE_STATUS,
+        "risk.violations": KIND_VIOLATION,
+        "assessment.status": KIND_ASSESSMENT_UPDATE,
+    }
+    dict _TYPE_KINDS = {
+        "market_price": KIND_MARKET_PRICE,
+        "pnl_update": KIND_PNL_UPDATE,
+        "position_update": KIND_POSITION_UPDATE,
+        "rule_status": KIND_RULE_STATUS,
+        "violation": KIND_VIOLATION,
+        "assessment_update": KIND_ASSESSMENT_UPDATE,
+    }
+    tuple _KIND_NAMES = (
+        None, "market_price", "pnl_update", "position_update",
+        "rule_status", "violation", "assessment_update",
+    )
+    tuple _DROP_REASONS = (
+        None, "invalid_json", "not_object", "unknown_type",
+        "missing_assessment", "empty", "kafka_error",
+    )
+    tuple _IGNORED_REASONS = (
+        "invalid_json", "not_object", "unknown_type", "binary", "fragmented",
+    )
+
+    # snake_case -> camelCase, memoized. A hostile producer could send endless
+    # distinct keys, so the memo stops growing at a fixed size.
+    dict _CAMEL = {}
+    Py_ssize_t _CAMEL_MAX = 4096
+
+    # Frames are written with their header in front; 10 bytes covers any length.
+    Py_ssize_t _MAX_HEADER = 10
+    # A coalescing buffer that grew past this is given back after its flush.
+    Py_ssize_t _KEEP_BUF_BYTES = 16384
+    double _INVALID_WINDOW_S = 10.0
+    double _DROP_LOG_INTERVAL_S = 1.0
+
+KIND_NAMES = _KIND_NAMES[1:]
+DROP_REASONS = _DROP_REASONS[1:]
+IGNORED_REASONS = _IGNORED_REASONS
+CLOSE_HEARTBEAT_TIMEOUT = 4000
+CLOSE_POLICY_VIOLATION = 1008
+
+
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline int64_t _epoch_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cpdef double monotonic():
+    """The router's clock (``CLOCK_MONOTONIC``, seconds)."""
+    return _monotonic()
+
+
+cpdef str iso_utc(int64_t ms):
+    """Epoch milliseconds as ISO-8601 UTC with milliseconds, e.g.
+    ``2026-11-26T10:58:11.123Z``."""
+    cdef time_t secs
+    cdef int millis
+    cdef tm parts
+    cdef char buf[40]
+    cdef int n
+    if ms < 0:
+        ms = 0
+    secs = <time_t>(ms // 1000)
+    millis = <int>(ms % 1000)
+    gmtime_r(&secs, &parts)
+    n = snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+                 parts.tm_year + 1900, parts.tm_mon + 1, parts.tm_mday,
+                 parts.tm_hour, parts.tm_min, parts.tm_sec, millis)
+    return PyUnicode_DecodeASCII(buf, n, NULL)
+
+
+cpdef str camel(str key):
+    """``unrealized_pnl`` -> ``unrealizedPnl``; leading underscores are kept."""
+    cached = _CAMEL.get(key)
+    if cached is not None:
+        return <str>cached
+    cdef str out
+    cdef str stripped
+    cdef list parts
+    if "_" not in key:
+        out = key
+    else:
+        stripped = key.lstrip("_")
+        parts = stripped.split("_")
+        out = key[:len(key) - len(stripped)] + parts[0] + "".join(
+            [p[:1].upper() + p[1:] for p in parts[1:]])
+    if len(_CAMEL) < _CAMEL_MAX:
+        _CAMEL[key] = out
+    return out
+
+
+cpdef bytes make_frame(bytes payload):
+    """A complete unmasked server TEXT frame (header + payload) for ``payload``.
+
+    Built once per event, then written as-is to every target connection.
+    """
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t header = 2 if size < 126 else (4 if size < 65536 else 10)
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, header + size)
+    cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(frame)
+    cdef uint16_t len16
+    cdef uint64_t len64
+    out[0] = 0x80 | <uint8_t>WSMsgType.TEXT
+    if header == 2:
+        out[1] = <uint8_t>size
+    elif header == 4:
+        out[1] = 126
+        len16 = htons(<uint16_t>size)
+        memcpy(out + 2, &len16, 2)
+    else:
+        out[1] = 127
+        len64 = htobe64(<uint64_t>size)
+        memcpy(out + 2, &len64, 8)
+    memcpy(out + header, PyBytes_AS_STRING(payload), size)
+    return frame
+
+
+cdef str _room_of(object value):
+    # An assessment id may arrive as a string or an integer; anything else
+    # (null, bool, list, object, empty string) is no assessment at all.
+    if type(value) is str:
+        return <str>value if len(<str>value) else None
+    if type(value) is int:
+        return str(value)
+    return None
+
+
+@cython.final
+cdef class Connection(WSListener):
+    """One client connection: a picows listener and its routing state.
+
+    Data for the client is queued here during a batch (the first frame by
+    reference, later ones copied into one buffer) and written with one send at
+    the end of the batch, so a connection that gets N messages in a batch costs
+    one system call, and one that gets a single message costs no copy at all.
+    """
+
+    def __cinit__(self, Router router not None, str user_id not None,
+                  str assessment_id=None, str connection_id=None):
+        self._router = router
+        self.user_id = user_id
+        self.assessment_id = assessment_id if assessment_id else None
+        self.connection_id = connection_id if connection_id else str(_uuid4())
+        self._index = -1
+        self._room_index = -1
+        self._recv_close_code = 0
+
+    def __dealloc__(self):
+        self._buf_release()
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        cdef double now = _monotonic()
+        self._transport = transport
+        self.connected_at = now
+        self.last_seen = now
+        self._invalid_window_start = now
+        self._router._register(self)
+        message = {
+            "type": "connected",
+            "connectionId": self.connection_id,
+            "userId": self.user_id,
+            "timestamp": iso_utc(_epoch_ms()),
+        }
+        if self.assessment_id is not None:
+            message["assessmentId"] = self.assessment_id
+        self._send_now(message)
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        cdef int code = 1006
+        handshake = transport.close_handshake
+        if handshake is not None and handshake.sent is not None:
+            code = handshake.sent.code
+        elif self._recv_close_code:
+            code = self._recv_close_code
+        self._router._unregister(self)
+        self._pending = None
+        self._buf_release()
+        self._router._count_close(code)
+        if self._router._on_closed is not None:
+            self._router._on_closed(self, code)
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType kind = frame.msg_type
+        self.last_seen = _monotonic()
+        if kind == WSMsgType.TEXT:
+            self._router.messages_received += 1
+            if not frame.fin:
+                self._on_invalid(IGNORED_FRAGMENTED)
+            else:
+                self._on_text(frame)
+        elif kind == WSMsgType.CLOSE:
+            self._closing = True
+            code = frame.get_close_code()
+            self._recv_close_code = <int>code
+            # Echo a valid code, as RFC 6455 section 5.5.1 asks; 1005 and
+            # 1006 may never be sent on the wire.
+            if code < 1000 or code in (1004, 1005, 1006) or code >= 5000:
+                code = WSCloseCode.OK
+            transport.send_close(code)
+            transport.disconnect()
+        elif kind == WSMsgType.BINARY:
+            self._router.messages_received += 1
+            self._on_invalid(IGNORED_BINARY)
+        elif kind == WSMsgType.CONTINUATION:
+            self._on_invalid(IGNORED_FRAGMENTED)
+        # PING is answered by picows (enable_auto_pong); PONG only proves life.
+
+    cdef int _on_text(self, WSFrame frame) except -1:
+        # The memoryview points into picows' read buffer: orjson copies what it
+        # keeps, and the view does not outlive this call.
+        try:
+            message = _loads(frame.get_payload_as_memoryview())
+        except _JSONDecodeError:
+            return self._on_invalid(IGNORED_INVALID_JSON)
+        if type(message) is not dict:
+            return self._on_invalid(IGNORED_NOT_OBJECT)
+        kind = (<dict>message).get("type")
+        if kind == "pong":
+            return 0
+        if kind == "ping":
+            return self._send_now({"type": "pong", "timestamp": _epoch_ms()})
+        return self._on_invalid(IGNORED_UNKNOWN_TYPE)
+
+    cdef int _on_invalid(self, int reason) except -1:
+        cdef double now = self.last_seen
+        self._router._ignored[reason] += 1
+        if now - self._invalid_window_start > _INVALID_WINDOW_S:
+            self._invalid_window_start = now
+            self._invalid_frames = 0
+        self._invalid_frames += 1
+        if self._invalid_frames > self._router._max_invalid_frames:
+            self.close(CLOSE_POLICY_VIOLATION, "too many invalid frames")
+        return 0
+
+    cdef int _send_now(self, object message) except -1:
+        cdef WSTransport t = self._transport
+        if t is None or self._closing or t.is_close_frame_sent or t.is_disconnected:
+            return 0
+        t.send(WSMsgType.TEXT, _dumps(message))
+        self._router.messages_sent += 1
+        return 0
+
+    cpdef close(self, int code, str reason):
+        """Send a close frame with ``code`` and ``reason``, then disconnect."""
+        cdef WSTransport t = self._transport
+        if self._closing or t is None or t.is_disconnected:
+            return
+        self._closing = True
+        self._pending = None
+        self._buf_len = 0
+        try:
+            t.send_close(<WSCloseCode>code, reason.encode())
+        finally:
+            t.disconnect()
+
+    cdef inline int _enqueue(self, bytes frame) except -1:
+        if self._closing:
+            return 0
+        self._queued += 1
+        if self._buf_len:
+            return self._buf_append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        if self._pending is None:
+            self._pending = frame
+            self._router._dirty.append(self)
+            return 0
+        # A second frame in this batch: from here on they share one buffer.
+        self._buf_append(PyBytes_AS_STRING(self._pending),
+                         PyBytes_GET_SIZE(self._pending))
+        self._pending = None
+        return self._buf_append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+
+    cdef int _buf_append(self, const char* data, Py_ssize_t size) except -1:
+        cdef Py_ssize_t need = self._buf_len + size
+        cdef Py_ssize_t cap
+        cdef char* grown
+        if need > self._buf_cap:
+            cap = self._buf_cap * 2 if self._buf_cap else 1024
+            while cap < need:
+                cap *= 2
+            grown = <char*>PyMem_Realloc(self._buf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self._buf = grown
+            self._buf_cap = cap
+        memcpy(self._buf + self._buf_len, data, size)
+        self._buf_len = need
+        return 0
+
+    cdef void _buf_release(self) noexcept:
+        if self._buf != NULL:
+            PyMem_Free(self._buf)
+            self._buf = NULL
+        self._buf_len = 0
+        self._buf_cap = 0
+
+    cdef int _flush(self) except -1:
+        cdef WSTransport t = self._transport
+        cdef Py_ssize_t queued = self._queued
+        cdef bytes pending = self._pending
+        self._queued = 0
+        self._pending = None
+        if self._closing or t.is_close_frame_sent or t.is_disconnected:
+            self._buf_len = 0
+            return 0
+        if self._buf_len:
+            self._buf_used = True
+            try:
+                t._fast_write(self._buf, self._buf_len)
+            finally:
+                self._buf_len = 0
+            if self._buf_cap > _KEEP_BUF_BYTES:
+                self._buf_release()
+        elif pending is not None:
+            t._fast_write(PyBytes_AS_STRING(pending), PyBytes_GET_SIZE(pending))
+        self._router.messages_sent += queued
+        return 0
+
+
+@cython.final
+cdef class Router:
+    """Who is connected, in which room (assessment), and what each batch owes them.
+
+    :param heartbeat_interval_ms: period of the JSON ping round, milliseconds.
+    :param connection_timeout_ms: silence after which a connection is closed
+        with 4000, milliseconds.
+    :param max_invalid_frames: invalid client frames tolerated per 10 s before
+        the connection is closed with 1008.
+    :param on_closed: called as ``on_closed(connection, close_code)`` after a
+        connection is gone (metrics use it for the duration histogram).
+    """
+
+    def __cinit__(self, *, double heartbeat_interval_ms=30000,
+                  double connection_timeout_ms=60000, int max_invalid_frames=20,
+                  object on_closed=None):
+        self._rooms = {}
+        self._conns = []
+        self._dirty = []
+        self._spare = []
+        self._logger = _logger
+        self._log_debug = _logger.isEnabledFor(logging.DEBUG)
+        self._on_closed = on_closed
+        self._heartbeat_interval_s = heartbeat_interval_ms / 1000.0
+        self._connection_timeout_s = connection_timeout_ms / 1000.0
+        self._max_invalid_frames = max_invalid_frames
+        self._next_ping = _monotonic() + self._heartbeat_interval_s
+        self._closed_by_code = {}
+        self._loop_thread = PyThread_get_thread_ident()
+
+    @property
+    def on_closed(self):
+        """``on_closed(connection, close_code)``, called after a connection is gone."""
+        return self._on_closed
+
+    @on_closed.setter
+    def on_closed(self, callback):
+        self._on_closed = callback
+
+    # -- registry ---------------------------------------------------------
+
+    @property
+    def connection_count(self):
+        return len(self._conns)
+
+    @property
+    def room_count(self):
+        return len(self._rooms)
+
+    def connections(self):
+        """A snapshot list of the open connections."""
+        return list(self._conns)
+
+    def room_size(self, str assessment_id):
+        room = self._rooms.get(assessment_id)
+        return 0 if room is None else len(<list>room)
+
+    cdef int _register(self, Connection conn) except -1:
+        cdef list room
+        if conn._index >= 0:
+            return 0
+        conn._index = len(self._conns)
+        self._conns.append(conn)
+        if conn.assessment_id is not None:
+            room = self._rooms.get(conn.assessment_id)
+            if room is None:
+                room = []
+                self._rooms[conn.assessment_id] = room
+            conn._room_index = len(room)
+            room.append(conn)
+        return 0
+
+    cdef int _unregister(self, Connection conn) except -1:
+        # Swap-remove keeps both lists dense, so removal is O(1) and fan-out
+        # iterates plain lists.
+        cdef Connection last
+        cdef list room
+        if conn._index < 0:
+            return 0
+        last = <Connection>self._conns[len(self._conns) - 1]
+        self._conns[conn._index] = last
+        last._index = conn._index
+        self._conns.pop()
+        conn._index = -1
+        if conn._room_index >= 0:
+            room = <list>self._rooms[conn.assessment_id]
+            last = <Connection>room[len(room) - 1]
+            room[conn._room_index] = last
+            last._room_index = conn._room_index
+            room.pop()
+            conn._room_index = -1
+            if not room:
+                del self._rooms[conn.assessment_id]
+        return 0
+
+    # -- Kafka records in -----------------------------------------------------
+
+    cpdef deliver(self, list batch):
+        """Route one batch of confluent-kafka messages and flush every write.
+
+        Each record is decoded, normalized, serialized and framed once; each
+        connection then gets one write for the whole batch.
+        """
+        if PUSHSVC_DEBUG:
+            assert PyThread_get_thread_ident() == self._loop_thread, \
+                "Router.deliver called off the loop thread"
+        cdef int reason
+        self.batches += 1
+        try:
+            for msg in batch:
+                err = msg.error()
+                if err is not None:
+                    self._count_drop(DROP_KAFKA_ERROR, msg.topic(), err)
+                    continue
+                ts = msg.timestamp()
+                reason = self._decode(msg.value(), msg.topic(), msg.key(),
+                                      (<tuple>ts)[1] if (<tuple>ts)[0] else _epoch_ms())
+                self.kafka_processed += 1
+                if reason != DROP_NONE:
+                    self._count_drop(reason, msg.topic(), msg.value())
+                    continue
+                self._fan_out()
+        finally:
+            self._ev_payload = None
+            self._flush()
+
+    def route(self, object value, str topic, object key=None, object timestamp_ms=None):
+        """Route one record given as its parts; returns the drop reason or None.
+
+        The same path as :meth:`deliver`, for tests and benchmarks without a
+        broker.
+        """
+        cdef int reason = self._decode(
+            value, topic, key,
+            _epoch_ms() if timestamp_ms is None else <int64_t>timestamp_ms)
+        self.kafka_processed += 1
+        try:
+            if reason != DROP_NONE:
+                self._count_drop(reason, topic, value)
+                return _DROP_REASONS[reason]
+            self._fan_out()
+        finally:
+            self._ev_payload = None
+            self._flush()
+        return None
+
+    def normalize(self, object value, str topic, object key=None,
+                  object timestamp_ms=0):
+        """Decode and normalize one record without routing it.
+
+        :return: ``(type, assessment_id or None, payload bytes)``
+        :raises ValueError: with the drop reason as its message.
+        """
+        cdef int reason = self._decode(value, topic, key, <int64_t>timestamp_ms)
+        if reason != DROP_NONE:
+            raise ValueError(_DROP_REASONS[reason])
+        payload = self._ev_payload
+        self._ev_payload = None
+        return _KIND_NAMES[self._ev_kind], self._ev_room, payload
+
+    cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms) except -1:
+        cdef dict event
+        cdef dict out
+        cdef int kind
+        cdef str room = None
+        if raw is None or (type(raw) is bytes and PyBytes_GET_SIZE(raw) == 0):
+            return DROP_EMPTY
+        try:
+            value = _loads(raw)
+        except _JSONDecodeError:
+            return DROP_INVALID_JSON
+        if type(value) is not dict:
+            return DROP_NOT_OBJECT
+        event = <dict>value
+        declared = event.get("type")
+        if declared is None:
+            found = _TOPIC_KINDS.get(topic)
+        elif type(declared) is str:
+            found = _TYPE_KINDS.get(declared)
+        else:
+            found = None
+        if found is None:
+            return DROP_UNKNOWN_TYPE
+        kind = <int>found
+        out = {"type": _KIND_NAMES[kind]}
+        for name, field in event.items():
+            if name != "type":
+                out[camel(<str>name)] = field
+        if kind != KIND_MARKET_PRICE:
+            room = _room_of(event.get("assessmentId"))
+            if room is None:
+                room = _room_of(event.get("assessment_id"))
+            if room is None and key is not None:
+                try:
+                    room = _room_of((<bytes>key).decode("utf-8")
+                                    if type(key) is bytes else key)
+                except UnicodeDecodeError:
+                    room = None
+            if room is None:
+                return DROP_MISSING_ASSESSMENT
+            if "assessmentId" not in out or _room_of(out["assessmentId"]) is None:
+                out["assessmentId"] = room
+        if "timestamp" not in out:
+            out["timestamp"] = iso_utc(ts_ms)
+        self._ev_kind = kind
+        self._ev_room = room
+        self._ev_payload = _dumps(out)
+        return DROP_NONE
+
+    cdef int _fan_out(self) except -1:
+        cdef bytes frame
+        cdef list targets
+        if self._ev_kind == KIND_MARKET_PRICE:
+            targets = self._conns
+        else:
+            found = self._rooms.get(self._ev_room)
+            if found is None:
+                return 0
+            targets = <list>found
+        if not targets:
+            return 0
+        frame = make_frame(self._ev_payload)
+        for conn in targets:
+            (<Connection>conn)._enqueue(frame)
+        return 0
+
+    cdef int _flush(self) except -1:
+        cdef list dirty = self._dirty
+        cdef Connection conn
+        if not dirty:
+            return 0
+        # Swap in the spare list first: nothing queued during the writes below
+        # can land in the list being drained.
+        self._dirty = self._spare
+        self._spare = dirty
+        for item in dirty:
+            conn = <Connection>item
+            try:
+                conn._flush()
+            except Exception:
+                # One broken socket must not cost the others their messages.
+                self._logger.exception("write to connection %s failed",
+                                       conn.connection_id)
+                conn.close(1011, "internal error")
+        dirty.clear()
+        return 0
+
+    cdef int _count_drop(self, int reason, object topic, object raw) except -1:
+        cdef double now
+        self._dropped[reason] += 1
+        self._drops_since_log += 1
+        now = _monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
+            self._last_drop_log = now
+            sample = raw[:120] if isinstance(raw, (bytes, str)) else raw
+            self._logger.warning(
+                "dropped kafka record from topic %s: %s (%d dropped since the "
+                "last report); sample: %r", topic, _DROP_REASONS[reason],
+                self._drops_since_log, sample)
+            self._drops_since_log = 0
+        return 0
+
+    cdef int _count_close(self, int code) except -1:
+        self._closed_by_code[code] = self._closed_by_code.get(code, 0) + 1
+        return 0
+
+    # -- heartbeat --------------------------------------------------------
+
+    cpdef sweep(self):
+        """One pass of the heartbeat: ping round when due, close the silent.
+
+        Called periodically by the server; there is no timer per connection.
+        """
+        cdef double now = _monotonic()
+        cdef bint ping = now >= self._next_ping
+        cdef bytes frame = None
+        cdef Connection conn
+        if ping:
+            self._next_ping = now + self._heartbeat_interval_s
+            frame = make_frame(_dumps({"type": "ping", "timestamp": _epoch_ms()}))
+        for item in list(self._conns):
+            conn = <Connection>item
+            if now - conn.last_seen > self._connection_timeout_s:
+                self.heartbeat_failures += 1
+                conn.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                continue
+            if ping:
+                conn._enqueue(frame)
+            if not conn._buf_used and conn._buf != NULL and conn._buf_len == 0:
+                # Idle connections give their coalescing buffer back.
+                conn._buf_release()
+            conn._buf_used = False
+        self._flush()
+
+    def close_all(self, int code, str reason):
+        """Close every connection with ``code`` and ``reason``."""
+        for conn in list(self._conns):
+            (<Connection>conn).close(code, reason)
+
+    # -- counters, read at scrape time -----------------------------------
+
+    def stats(self):
+        """Every counter as plain Python values (read by the metrics module)."""
+        return {
+            "connections": len(self._conns),
+            "rooms": len(self._rooms),
+            "messages_sent": self.messages_sent,
+            "messages_received": self.messages_received,
+            "kafka_processed": self.kafka_processed,
+            "heartbeat_failures": self.heartbeat_failures,
+            "batches": self.batches,
+            "dropped": {_DROP_REASONS[i]: self._dropped[i] for i in range(1, DROP_COUNT)},
+            "ignored": {_IGNORED_REASONS[i]: self._ignored[i]
+                        for i in range(IGNORED_COUNT)},
+            "closed": dict(self._closed_by_code),
+        }
+
+
+@cython.final
+cdef class BatchHandoff:
+    """Carry whole batches from the consumer thread to the loop, lock-free.
+
+    The consumer thread appends to a deque (atomic under the GIL) and asks the
+    loop for a wake-up only when none is pending, so a burst of batches costs
+    one ``call_soon_threadsafe``. The loop clears the flag *before* draining:
+    a push that still saw it set is therefore drained by that same pass.
+    """
+
+    def __cinit__(self, Router router not None, loop not None):
+        self._router = router
+        self._queue = collections.deque()
+        self._call_soon_threadsafe = loop.call_soon_threadsafe
+        self._loop_thread = router._loop_thread
+
+    def push(self, list batch):
+        """Hand ``batch`` to the loop (consumer thread)."""
+        if PUSHSVC_DEBUG:
+            assert PyThread_get_thread_ident() != self._loop_thread, \
+                "BatchHandoff.push is for the consumer thread"
+        self._queue.append(batch)
+        if not self._scheduled:
+            self._scheduled = True
+            self._call_soon_threadsafe(self._drain)
+
+    def _drain(self):
+        self._scheduled = False
+        self.wakeups += 1
+        queue = self._queue
+        while queue:
+            self.batches += 1
+            self._router.deliver(queue.popleft())
+
+    @property
+    def pending(self):
+        return len(self._queue)

@@ -1,0 +1,215 @@
+"""Settings: the environment, read once into one frozen :class:`Settings`.
+
+Every knob the service has is a field here with its unit in the name (``_ms`` for
+milliseconds, ``_bytes`` for sizes). Nothing else in the package reads
+``os.environ``; the settings object travels as an argument.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_TOPICS = r"^(market-data|trading|risk|assessment)\..*"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The effective configuration of one pushsvc process.
+
+    :param host: interface to listen on (``HOST``, default ``0.0.0.0``).
+    :param port: TCP port for WebSocket and HTTP (``PORT``, default 3003).
+    :param jwt_secret: HS256 secret for client tokens (``JWT_SECRET``, required).
+    :param heartbeat_interval_ms: period of the JSON ``ping`` to every client
+        (``HEARTBEAT_INTERVAL``, milliseconds, default 30000).
+    :param connection_timeout_ms: a connection silent this long is closed
+        (``CONNECTION_TIMEOUT``, milliseconds, default 60000).
+    :param node_env: ``development`` or ``production`` (``NODE_ENV``).
+    :param log_level: ``LOG_LEVEL``, a :mod:`logging` level name (default INFO).
+    :param kafka_brokers: bootstrap servers (``KAFKA_BROKERS``, comma separated).
+    :param kafka_client_id: ``KAFKA_CLIENT_ID`` (default ``websocket-service``).
+    :param kafka_group_id: ``KAFKA_GROUP_ID``; only a label, see consumer.py.
+    :param kafka_topics: ``KAFKA_TOPICS``: a regex when it starts with ``^``,
+        else a comma-separated list of topic names.
+    :param kafka_topic_refresh_interval_ms: how often topic metadata is re-read
+        to pick up new topics and partitions (``KAFKA_TOPIC_REFRESH_INTERVAL``,
+        milliseconds, default 5000).
+    :param kafka_batch_size: most records handed to the loop in one batch
+        (``KAFKA_BATCH_SIZE``, default 1000).
+    :param kafka_fetch_wait_max_ms: librdkafka ``fetch.wait.max.ms``
+        (``KAFKA_FETCH_WAIT_MAX_MS``, milliseconds, default 5; librdkafka's own
+        default of 500 would add up to half a second to every event).
+    :param max_frame_size_bytes: larger client frames close with 1009
+        (``MAX_FRAME_SIZE``, bytes, default 65536).
+    :param max_invalid_frames: more invalid client frames than this within 10 s
+        close the connection with 1008 (``MAX_INVALID_FRAMES``, default 20).
+    :param handshake_timeout_ms: a socket that has not completed its upgrade
+        request by then is dropped (``HANDSHAKE_TIMEOUT``, milliseconds, 5000).
+    :param listen_backlog: ``listen()`` backlog, sized for reconnect storms
+        (``LISTEN_BACKLOG``, default 4096).
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 3003
+    jwt_secret: str = field(repr=False)
+    heartbeat_interval_ms: int = 30_000
+    connection_timeout_ms: int = 60_000
+    node_env: str = "development"
+    log_level: str = "INFO"
+    kafka_brokers: str = "localhost:9092"
+    kafka_client_id: str = "websocket-service"
+    kafka_group_id: str = "websocket-service-group"
+    kafka_topics: str = DEFAULT_TOPICS
+    kafka_topic_refresh_interval_ms: int = 5_000
+    kafka_batch_size: int = 1_000
+    kafka_fetch_wait_max_ms: int = 5
+    max_frame_size_bytes: int = 65_536
+    max_invalid_frames: int = 20
+    handshake_timeout_ms: int = 5_000
+    listen_backlog: int = 4_096
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from ``environ`` (default ``os.environ``).
+
+        :raises ConfigError: naming the first variable that is missing or bad.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = _ENV_NAMES[f.name]
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            parse = _PARSERS.get(f.name, _text)
+            try:
+                values[f.name] = parse(raw.strip())
+            except ValueError as exc:
+                raise ConfigError(f"{var}={raw!r} is invalid: {exc}") from None
+        if "jwt_secret" not in values:
+            raise ConfigError(
+                "JWT_SECRET is not set: set it to the HS256 secret that signs "
+                "client tokens (for a local try, run `pushsvc demo`)"
+            )
+        return cls(**values)
+
+    @property
+    def topic_pattern(self) -> re.Pattern[str] | None:
+        """The compiled ``KAFKA_TOPICS`` regex, or None for a plain list."""
+        if self.kafka_topics.startswith("^"):
+            return re.compile(self.kafka_topics)
+        return None
+
+    @property
+    def topic_names(self) -> tuple[str, ...]:
+        """The ``KAFKA_TOPICS`` list when it is not a regex."""
+        if self.kafka_topics.startswith("^"):
+            return ()
+        return tuple(t.strip() for t in self.kafka_topics.split(",") if t.strip())
+
+    @property
+    def is_production(self) -> bool:
+        return self.node_env == "production"
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting by environment name, secrets masked, for display."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[_ENV_NAMES[f.name]] = "****" if f.name in _SECRETS else value
+        return out
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ValueError(f"expected a number {bound}")
+        return value
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+def _topics(raw: str) -> str:
+    if raw.startswith("^"):
+        try:
+            re.compile(raw)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+    elif not any(t.strip() for t in raw.split(",")):
+        raise ValueError("expected a regex starting with ^ or topic names")
+    return raw
+
+
+def _brokers(raw: str) -> str:
+    for part in raw.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("expected host:port[,host:port...]")
+    return raw
+
+
+_ENV_NAMES = {
+    "host": "HOST",
+    "port": "PORT",
+    "jwt_secret": "JWT_SECRET",
+    "heartbeat_interval_ms": "HEARTBEAT_INTERVAL",
+    "connection_timeout_ms": "CONNECTION_TIMEOUT",
+    "node_env": "NODE_ENV",
+    "log_level": "LOG_LEVEL",
+    "kafka_brokers": "KAFKA_BROKERS",
+    "kafka_client_id": "KAFKA_CLIENT_ID",
+    "kafka_group_id": "KAFKA_GROUP_ID",
+    "kafka_topics": "KAFKA_TOPICS",
+    "kafka_topic_refresh_interval_ms": "KAFKA_TOPIC_REFRESH_INTERVAL",
+    "kafka_batch_size": "KAFKA_BATCH_SIZE",
+    "kafka_fetch_wait_max_ms": "KAFKA_FETCH_WAIT_MAX_MS",
+    "max_frame_size_bytes": "MAX_FRAME_SIZE",
+    "max_invalid_frames": "MAX_INVALID_FRAMES",
+    "handshake_timeout_ms": "HANDSHAKE_TIMEOUT",
+    "listen_backlog": "LISTEN_BACKLOG",
+}
+
+_SECRETS = frozenset({"jwt_secret"})
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "port": _int_in(0, 65535),
+    "heartbeat_interval_ms": _int_in(10),
+    "connection_timeout_ms": _int_in(10),
+    "log_level": _log_level,
+    "kafka_brokers": _brokers,
+    "kafka_topics": _topics,
+    "kafka_topic_refresh_interval_ms": _int_in(100),
+    "kafka_batch_size": _int_in(1, 1_000_000),
+    "kafka_fetch_wait_max_ms": _int_in(0, 60_000),
+    "max_frame_size_bytes": _int_in(125, 16 * 1024 * 1024),
+    "max_invalid_frames": _int_in(1),
+    "handshake_timeout_ms": _int_in(100),
+    "listen_backlog": _int_in(1, 65535),
+}
+
+
+def env_names() -> frozenset[str]:
+    """Every environment variable pushsvc reads."""
+    return frozenset(_ENV_NAMES.values())

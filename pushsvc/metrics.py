@@ -1,0 +1,169 @@
+"""Prometheus metrics, read from the router's counters at scrape time.
+
+The hot path counts in plain C integers inside the router; nothing on it takes
+a lock or calls into prometheus-client. A scrape turns those counters into
+metric families. Only the connection-duration histogram is observed directly,
+once per closed connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ._router import Connection, Router, monotonic
+
+if TYPE_CHECKING:
+    from ._router import BatchHandoff
+    from .consumer import KafkaConsumerThread
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Connection lifetimes run from seconds (a page reload) to a trading day.
+_DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400)
+
+
+class _ServiceCollector(Collector):
+    def __init__(
+        self,
+        router: Router,
+        consumer: KafkaConsumerThread | None,
+        handoff: BatchHandoff | None,
+    ) -> None:
+        self._router = router
+        self._consumer = consumer
+        self._handoff = handoff
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._router.stats()
+        yield GaugeMetricFamily(
+            "websocket_connections_total",
+            "Open WebSocket connections.",
+            value=stats["connections"],
+        )
+        yield GaugeMetricFamily(
+            "websocket_assessments_connected",
+            "Assessments with at least one open connection.",
+            value=stats["rooms"],
+        )
+        yield CounterMetricFamily(
+            "websocket_messages_sent_total",
+            "Messages written to clients (events, pings and control messages).",
+            value=stats["messages_sent"],
+        )
+        yield CounterMetricFamily(
+            "websocket_messages_received_total",
+            "Data frames received from clients.",
+            value=stats["messages_received"],
+        )
+        yield CounterMetricFamily(
+            "websocket_kafka_messages_processed_total",
+            "Kafka records processed (routed or dropped).",
+            value=stats["kafka_processed"],
+        )
+        yield CounterMetricFamily(
+            "websocket_heartbeat_failures_total",
+            "Connections closed because nothing arrived within CONNECTION_TIMEOUT.",
+            value=stats["heartbeat_failures"],
+        )
+        dropped = CounterMetricFamily(
+            "websocket_kafka_events_dropped_total",
+            "Kafka records dropped without reaching a client, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in stats["dropped"].items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        ignored = CounterMetricFamily(
+            "websocket_client_frames_ignored_total",
+            "Client frames ignored (not JSON, not an object, unknown type, "
+            "binary, fragmented), by reason.",
+            labels=["reason"],
+        )
+        for reason, count in stats["ignored"].items():
+            ignored.add_metric([reason], count)
+        yield ignored
+        closed = CounterMetricFamily(
+            "websocket_connections_closed_total",
+            "Closed connections by WebSocket close code (1006: no close frame).",
+            labels=["code"],
+        )
+        for code, count in sorted(stats["closed"].items()):
+            closed.add_metric([str(code)], count)
+        yield closed
+        yield CounterMetricFamily(
+            "websocket_router_batches_total",
+            "Batches routed (each flushed with at most one write per connection).",
+            value=stats["batches"],
+        )
+        if self._handoff is not None:
+            yield CounterMetricFamily(
+                "websocket_kafka_loop_wakeups_total",
+                "Wake-ups of the event loop by the consumer thread.",
+                value=self._handoff.wakeups,
+            )
+        lag = GaugeMetricFamily(
+            "websocket_kafka_consumer_lag",
+            "Records behind the high watermark, per topic and partition.",
+            labels=["topic", "partition"],
+        )
+        if self._consumer is not None:
+            for topic, partition, behind in self._consumer.lag():
+                lag.add_metric([topic, str(partition)], behind)
+            yield GaugeMetricFamily(
+                "websocket_kafka_consumer_ready",
+                "1 when the consumer holds all its partitions, else 0.",
+                value=1 if self._consumer.ready else 0,
+            )
+        yield lag
+
+
+class Metrics:
+    """The service's metric registry.
+
+    :param router: the router whose counters are exported.
+    :param consumer: the Kafka consumer (for lag and readiness), if any.
+    :param handoff: the batch hand-off (for loop wake-ups), if any.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        consumer: KafkaConsumerThread | None = None,
+        handoff: BatchHandoff | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_ServiceCollector(router, consumer, handoff))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.connection_duration = Histogram(
+            "websocket_connection_duration_seconds",
+            "How long WebSocket connections stayed open.",
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+
+    def on_connection_closed(self, connection: Connection, code: int) -> None:
+        """Router callback: observe the closed connection's lifetime."""
+        self.connection_duration.observe(monotonic() - connection.connected_at)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
