@@ -18,9 +18,8 @@ cdef enum:
     DROP_NOT_OBJECT = 2
     DROP_UNKNOWN_TYPE = 3
     DROP_MISSING_ASSESSMENT = 4
-    DROP_EMPTY = 5
-    DROP_KAFKA_ERROR = 6
-    DROP_COUNT = 7
+    DROP_KAFKA_ERROR = 5
+    DROP_COUNT = 6
 
 cdef enum:
     # Why a client frame was ignored; indexes into Router._ignored.
@@ -53,6 +52,7 @@ cdef class Connection(WSListener):
         double _invalid_window_start
         bint _closing
         int _recv_close_code
+        object _close_timer
 
     cdef inline int _enqueue(self, bytes frame) except -1
     cdef int _flush(self) except -1

@@ -75,7 +75,7 @@ cdef:
     )
     tuple _DROP_REASONS = (
         None, "invalid_json", "not_object", "unknown_type",
-        "missing_assessment", "empty", "kafka_error",
+        "missing_assessment", "kafka_error",
     )
     tuple _IGNORED_REASONS = (
         "invalid_json", "not_object", "unknown_type", "binary", "fragmented",
@@ -91,6 +91,8 @@ cdef:
     # A coalescing buffer that grew past this is given back after its flush.
     Py_ssize_t _KEEP_BUF_BYTES = 16384
     double _INVALID_WINDOW_S = 10.0
+    # How long a server-initiated close waits for the client's close frame.
+    double _CLOSE_GRACE_S = 1.0
     double _DROP_LOG_INTERVAL_S = 1.0
 
 KIND_NAMES = _KIND_NAMES[1:]
@@ -242,6 +244,9 @@ cdef class Connection(WSListener):
         self._router._unregister(self)
         self._pending = None
         self._buf_release()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         self._router._count_close(code)
         if self._router._on_closed is not None:
             self._router._on_closed(self, code)
@@ -249,6 +254,8 @@ cdef class Connection(WSListener):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType kind = frame.msg_type
         self.last_seen = _monotonic()
+        if self._closing and kind != WSMsgType.CLOSE:
+            return  # what arrives after our close frame is no longer read
         if kind == WSMsgType.TEXT:
             self._router.messages_received += 1
             if not frame.fin:
@@ -264,6 +271,9 @@ cdef class Connection(WSListener):
             if code < 1000 or code in (1004, 1005, 1006) or code >= 5000:
                 code = WSCloseCode.OK
             transport.send_close(code)
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+                self._close_timer = None
             transport.disconnect()
         elif kind == WSMsgType.BINARY:
             self._router.messages_received += 1
@@ -317,8 +327,14 @@ cdef class Connection(WSListener):
         self._buf_len = 0
         try:
             t.send_close(<WSCloseCode>code, reason.encode())
-        finally:
+        except Exception:
             t.disconnect()
+            raise
+        # RFC 6455 7.1.1: the TCP connection is closed after the client's
+        # close frame arrives (see on_ws_frame), or after a grace period.
+        # Closing at once would answer a client that is still writing with
+        # a reset, which can destroy the close frame before it is read.
+        self._close_timer = t._loop.call_later(_CLOSE_GRACE_S, getattr(t, "disconnect"))
 
     cdef inline int _enqueue(self, bytes frame) except -1:
         if self._closing:
@@ -548,8 +564,9 @@ cdef class Router:
         cdef dict out
         cdef int kind
         cdef str room = None
-        if raw is None or (type(raw) is bytes and PyBytes_GET_SIZE(raw) == 0):
-            return DROP_EMPTY
+        if raw is None:
+            # A null value (a tombstone) is not JSON either.
+            return DROP_INVALID_JSON
         try:
             value = _loads(raw)
         except _JSONDecodeError:

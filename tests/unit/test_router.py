@@ -108,8 +108,8 @@ def test_market_price_has_no_room(router):
         (b'{"unrealized_pnl": 1}', "trading.pnl", "missing_assessment"),
         (b'{"assessmentId": null}', "trading.pnl", "missing_assessment"),
         (b'{"assessmentId": ""}', "trading.pnl", "missing_assessment"),
-        (b"", "trading.pnl", "empty"),
-        (None, "trading.pnl", "empty"),
+        (b"", "trading.pnl", "invalid_json"),
+        (None, "trading.pnl", "invalid_json"),
     ],
 )
 def test_invalid_records_are_dropped_with_a_reason(router, raw, topic, reason):
