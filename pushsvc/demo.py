@@ -69,10 +69,13 @@ class DemoFeed:
         self._producer.poll(0)
 
     def _run(self) -> None:
-        for assessment in self._assessments:
-            self._send("assessment.status", {"assessment_id": assessment, "status": "active"})
         tick = 0
         while not self._stop.wait(self._interval_s):
+            if tick % 80 == 0:
+                for assessment in self._assessments:
+                    self._send(
+                        "assessment.status", {"assessment_id": assessment, "status": "active"}
+                    )
             tick += 1
             market = self._rng.choice(list(self._prices))
             price = self._prices[market] * (1 + self._rng.gauss(0, 0.0008))

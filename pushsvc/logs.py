@@ -40,6 +40,9 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # Library warnings (e.g. PyJWT's weak-key warning) go through the same
+    # handler and format instead of bare stderr lines.
+    logging.captureWarnings(True)
     # picows logs every accepted socket at INFO; that is noise past a few
     # hundred clients, so it speaks only at DEBUG.
     if settings.log_level != "DEBUG":

@@ -83,6 +83,11 @@ class PushServer:
         # One periodic sweep serves every connection; a quarter of the shorter
         # period keeps pings and timeouts within 25% of their settings.
         self._sweep_s = min(max(min(hb, timeout) / 4000.0, 0.02), 1.0)
+        if len(settings.jwt_secret.encode()) < 32:
+            log.warning(
+                "JWT_SECRET is shorter than 32 bytes: HS256 wants at least 32 "
+                "random bytes (e.g. `openssl rand -base64 48`)"
+            )
         if timeout <= hb:
             log.warning(
                 "CONNECTION_TIMEOUT (%d ms) is not longer than HEARTBEAT_INTERVAL "
