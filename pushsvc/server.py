@@ -24,7 +24,7 @@ from picows import (
 )
 
 from ._router import BatchHandoff, Connection, Router
-from .auth import verify_token
+from .auth import TokenVerifier
 from .config import Settings
 from .consumer import KafkaConsumerThread
 from .errors import AuthError
@@ -75,6 +75,7 @@ class PushServer:
         self.consumer: KafkaConsumerThread | None = None
         self.metrics = Metrics(self.router)
         self.refusals = _Refusals()
+        self._verifier = TokenVerifier(settings.jwt_secret)
         self._server: asyncio.Server | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -132,6 +133,7 @@ class PushServer:
             logger_name=logging.LoggerAdapter(ws_logger, {}),
             backlog=settings.listen_backlog,
             reuse_address=True,
+            use_aiofastnet=False,
         )
         if self.consumer is not None:
             self.consumer.start()
@@ -218,7 +220,7 @@ class PushServer:
             )
         tokens = params.get("token")
         try:
-            identity = verify_token(tokens[0] if tokens else None, self.settings.jwt_secret)
+            identity = self._verifier.verify(tokens[0] if tokens else None)
         except AuthError as exc:
             self.refusals.unauthorized += 1
             return _json_response(401, {"error": "unauthorized", "reason": exc.reason})
