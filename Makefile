@@ -27,7 +27,14 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m pytest benchmarks --benchmark-disable-gc
+	$(BIN)/python -m benchmarks.load --server both --rounds 3 --connections 5000 \
+		--assessments 1000 --rate 5000 --market-rate 3 --duration 10 \
+		--json docs/bench/spread.json --plot docs/bench/spread.png
+	$(BIN)/python -m benchmarks.load --server both --rounds 3 --connections 250 \
+		--assessments 50 --rate 500 --market-rate 1000 --duration 10 \
+		--json docs/bench/hot.json --plot docs/bench/hot.png
 
 clean:
 	rm -rf build *.egg-info pushsvc/*.so pushsvc/_router.c pushsvc/_router.html
