@@ -40,6 +40,7 @@ SETUP_TIMEOUT_S = 60.0
 """Upper bound (seconds) for the reader to start and accept every connection."""
 
 _FD_HEADROOM = 200
+_WANT_NOFILE = 65536
 _RECV_CHUNK = 1 << 16
 
 
@@ -51,6 +52,14 @@ def raise_nofile_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = max(soft, 1 << 20)
+    if hard < _WANT_NOFILE:
+        # Root may lift the hard limit too (children inherit it): 20k
+        # connections need more descriptors than many default hard limits.
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_WANT_NOFILE, _WANT_NOFILE))
+            return _WANT_NOFILE
+        except (ValueError, OSError):
+            pass
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

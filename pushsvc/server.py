@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -242,8 +243,25 @@ class PushServer:
         return Connection(self.router, identity.user_id, assessment)
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft ``RLIMIT_NOFILE`` to the hard limit: one descriptor per
+    client, and the default soft limit (often 1024) would refuse connections
+    long before memory or CPU run out. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard or (hard == resource.RLIM_INFINITY and soft != hard):
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+    return int(soft)
+
+
 async def serve(settings: Settings) -> None:
     """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
+    limit = raise_fd_limit()
+    log.info("open-file limit %d (about that many clients)", limit)
     loop = asyncio.get_running_loop()
     server = PushServer(settings)
     await server.start()
