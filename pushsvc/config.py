@@ -53,6 +53,27 @@ class Settings:
         request by then is dropped (``HANDSHAKE_TIMEOUT``, milliseconds, 5000).
     :param listen_backlog: ``listen()`` backlog, sized for reconnect storms
         (``LISTEN_BACKLOG``, default 4096).
+    :param kafka_unavailable_grace_ms: how long the brokers may be unreachable
+        before ``/ready`` turns 503 (``KAFKA_UNAVAILABLE_GRACE``, milliseconds,
+        default 10000).
+    :param shutdown_timeout_ms: after SIGTERM/SIGINT the process exits within
+        this (``SHUTDOWN_TIMEOUT``, milliseconds, default 15000).
+    :param shutdown_drain_ms: window over which clients are closed with 1001,
+        in batches, so they do not all reconnect at once (``SHUTDOWN_DRAIN``,
+        milliseconds, default 5000; capped below ``SHUTDOWN_TIMEOUT``).
+    :param allowed_origins: ``ALLOWED_ORIGINS``, comma separated; when set, an
+        upgrade from any other ``Origin`` gets 403. Empty: any origin.
+    :param max_connections: open connections per process; more get 503
+        (``MAX_CONNECTIONS``, default 50000).
+    :param max_connections_per_user: open connections per user id; more get
+        429 (``MAX_CONNECTIONS_PER_USER``, default 20).
+    :param require_assessment_claim: refuse (403) tokens without an
+        ``assessments`` claim (``REQUIRE_ASSESSMENT_CLAIM``, default false).
+    :param max_client_messages_per_s: inbound frames per second per client
+        before a 1008 close (``MAX_CLIENT_MESSAGES_PER_SEC``, default 50).
+    :param max_connection_buffer_bytes: outbound bytes a slow client may have
+        queued before it is closed with 1013 (``MAX_CONNECTION_BUFFER``, bytes,
+        default 1048576).
     """
 
     host: str = "0.0.0.0"
@@ -73,6 +94,15 @@ class Settings:
     max_invalid_frames: int = 20
     handshake_timeout_ms: int = 5_000
     listen_backlog: int = 4_096
+    kafka_unavailable_grace_ms: int = 10_000
+    shutdown_timeout_ms: int = 15_000
+    shutdown_drain_ms: int = 5_000
+    allowed_origins: tuple[str, ...] = ()
+    max_connections: int = 50_000
+    max_connections_per_user: int = 20
+    require_assessment_claim: bool = False
+    max_client_messages_per_s: int = 50
+    max_connection_buffer_bytes: int = 1_048_576
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,7 +127,14 @@ class Settings:
                 "JWT_SECRET is not set: set it to the HS256 secret that signs "
                 "client tokens (for a local try, run `pushsvc demo`)"
             )
-        return cls(**values)
+        settings = cls(**values)
+        if settings.shutdown_drain_ms >= settings.shutdown_timeout_ms:
+            raise ConfigError(
+                f"SHUTDOWN_DRAIN={settings.shutdown_drain_ms} must be shorter than "
+                f"SHUTDOWN_TIMEOUT={settings.shutdown_timeout_ms}: the drain has to "
+                "finish before the process must exit"
+            )
+        return settings
 
     @property
     def topic_pattern(self) -> re.Pattern[str] | None:
@@ -162,6 +199,23 @@ def _topics(raw: str) -> str:
     return raw
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if "://" not in origin and origin != "null":
+            raise ValueError("expected origins like https://app.example.com")
+    return origins
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _brokers(raw: str) -> str:
     for part in raw.split(","):
         host, sep, port = part.strip().rpartition(":")
@@ -189,6 +243,15 @@ _ENV_NAMES = {
     "max_invalid_frames": "MAX_INVALID_FRAMES",
     "handshake_timeout_ms": "HANDSHAKE_TIMEOUT",
     "listen_backlog": "LISTEN_BACKLOG",
+    "kafka_unavailable_grace_ms": "KAFKA_UNAVAILABLE_GRACE",
+    "shutdown_timeout_ms": "SHUTDOWN_TIMEOUT",
+    "shutdown_drain_ms": "SHUTDOWN_DRAIN",
+    "allowed_origins": "ALLOWED_ORIGINS",
+    "max_connections": "MAX_CONNECTIONS",
+    "max_connections_per_user": "MAX_CONNECTIONS_PER_USER",
+    "require_assessment_claim": "REQUIRE_ASSESSMENT_CLAIM",
+    "max_client_messages_per_s": "MAX_CLIENT_MESSAGES_PER_SEC",
+    "max_connection_buffer_bytes": "MAX_CONNECTION_BUFFER",
 }
 
 _SECRETS = frozenset({"jwt_secret"})
@@ -207,6 +270,15 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_invalid_frames": _int_in(1),
     "handshake_timeout_ms": _int_in(100),
     "listen_backlog": _int_in(1, 65535),
+    "kafka_unavailable_grace_ms": _int_in(0),
+    "shutdown_timeout_ms": _int_in(100),
+    "shutdown_drain_ms": _int_in(0),
+    "allowed_origins": _origins,
+    "max_connections": _int_in(1),
+    "max_connections_per_user": _int_in(1),
+    "require_assessment_claim": _bool,
+    "max_client_messages_per_s": _int_in(1),
+    "max_connection_buffer_bytes": _int_in(4096),
 }
 
 
