@@ -53,8 +53,21 @@ cdef class Connection(WSListener):
         bint _closing
         int _recv_close_code
         object _close_timer
+        public double expires_at
+        # Backpressure: set while picows reports the transport over its high
+        # watermark; frames then wait in _backlog, state-like ones conflated.
+        bint _paused
+        list _backlog
+        dict _backlog_keys
+        Py_ssize_t _backlog_bytes
+        # Inbound rate limit: frames in the current one-second window.
+        double _rate_window_start
+        int _rate_count
 
-    cdef inline int _enqueue(self, bytes frame) except -1
+    cdef inline int _enqueue(self, bytes frame, str ckey) except -1
+    cdef int _defer(self, bytes frame, str ckey) except -1
+    cdef int _drain_backlog(self) except -1
+    cdef int _on_refresh(self, dict message) except -1
     cdef int _flush(self) except -1
     cdef int _buf_append(self, const char* data, Py_ssize_t size) except -1
     cdef void _buf_release(self) noexcept
@@ -76,6 +89,10 @@ cdef class Router:
         double _heartbeat_interval_s
         double _connection_timeout_s
         int _max_invalid_frames
+        int _max_messages_per_s
+        Py_ssize_t _max_buffer_bytes
+        int _sndbuf
+        object _token_verifier
         double _next_ping
         double _last_drop_log
         uint64_t _drops_since_log
@@ -84,12 +101,19 @@ cdef class Router:
         readonly uint64_t kafka_processed
         readonly uint64_t heartbeat_failures
         readonly uint64_t batches
+        readonly uint64_t conflated
+        readonly uint64_t slow_client_closes
+        readonly uint64_t rate_limit_closes
+        readonly uint64_t token_expiry_closes
+        readonly uint64_t refreshes
+        readonly Py_ssize_t paused_connections
         uint64_t _dropped[DROP_COUNT]
         uint64_t _ignored[IGNORED_COUNT]
         dict _closed_by_code
         # Scratch output of _decode, valid until the next call.
         int _ev_kind
         str _ev_room
+        str _ev_ckey
         bytes _ev_payload
         unsigned long _loop_thread
 
@@ -112,4 +136,10 @@ cdef class BatchHandoff:
         bint _scheduled
         readonly uint64_t wakeups
         readonly uint64_t batches
+        readonly uint64_t conflated
+        readonly uint64_t slow_client_closes
+        readonly uint64_t rate_limit_closes
+        readonly uint64_t token_expiry_closes
+        readonly uint64_t refreshes
+        readonly Py_ssize_t paused_connections
         unsigned long _loop_thread

@@ -30,6 +30,11 @@ cdef extern from "<time.h>" nogil:
 cdef extern from "<arpa/inet.h>" nogil:
     uint16_t htons(uint16_t)
 
+cdef extern from "<sys/socket.h>" nogil:
+    int setsockopt(int fd, int level, int name, const void* value, unsigned int size)
+    int SOL_SOCKET
+    int SO_SNDBUF
+
 cdef extern from "<endian.h>" nogil:
     uint64_t htobe64(uint64_t)
 
@@ -93,18 +98,28 @@ cdef:
     double _INVALID_WINDOW_S = 10.0
     # How long a server-initiated close waits for the client's close frame.
     double _CLOSE_GRACE_S = 1.0
+    # ...and how long its queued data may take to leave before we abort.
+    double _ABORT_GRACE_S = 5.0
     double _DROP_LOG_INTERVAL_S = 1.0
 
 KIND_NAMES = _KIND_NAMES[1:]
 DROP_REASONS = _DROP_REASONS[1:]
 IGNORED_REASONS = _IGNORED_REASONS
 CLOSE_HEARTBEAT_TIMEOUT = 4000
+CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 cdef inline double _monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline double _epoch_s() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
@@ -205,8 +220,10 @@ cdef class Connection(WSListener):
     """
 
     def __cinit__(self, Router router not None, str user_id not None,
-                  str assessment_id=None, str connection_id=None):
+                  str assessment_id=None, str connection_id=None,
+                  double expires_at=0.0):
         self._router = router
+        self.expires_at = expires_at
         self.user_id = user_id
         self.assessment_id = assessment_id if assessment_id else None
         self.connection_id = connection_id if connection_id else str(_uuid4())
@@ -226,6 +243,9 @@ cdef class Connection(WSListener):
         # be a fifth of the memory.
         transport.request = None
         transport.response = None
+        cdef int sndbuf = self._router._sndbuf
+        if sndbuf > 0:
+            setsockopt(transport._socket, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(int))
         self.connected_at = now
         self.last_seen = now
         self._invalid_window_start = now
@@ -250,6 +270,11 @@ cdef class Connection(WSListener):
         self._router._unregister(self)
         self._pending = None
         self._buf_release()
+        if self._paused:
+            self._paused = False
+            self._router.paused_connections -= 1
+        self._backlog = None
+        self._backlog_keys = None
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -262,6 +287,15 @@ cdef class Connection(WSListener):
         self.last_seen = _monotonic()
         if self._closing and kind != WSMsgType.CLOSE:
             return  # what arrives after our close frame is no longer read
+        if kind <= WSMsgType.BINARY:
+            if self.last_seen - self._rate_window_start >= 1.0:
+                self._rate_window_start = self.last_seen
+                self._rate_count = 0
+            self._rate_count += 1
+            if self._rate_count > self._router._max_messages_per_s:
+                self._router.rate_limit_closes += 1
+                self.close(CLOSE_POLICY_VIOLATION, "too many messages")
+                return
         if kind == WSMsgType.TEXT:
             self._router.messages_received += 1
             if not frame.fin:
@@ -302,7 +336,56 @@ cdef class Connection(WSListener):
             return 0
         if kind == "ping":
             return self._send_now({"type": "pong", "timestamp": _epoch_ms()})
+        if kind == "refresh":
+            return self._on_refresh(<dict>message)
         return self._on_invalid(IGNORED_UNKNOWN_TYPE)
+
+    cdef int _on_refresh(self, dict message) except -1:
+        # A fresh token extends the connection past the old token's exp. It
+        # must verify like the first one and speak for the same user (and
+        # still allow this assessment); a refused refresh leaves the old
+        # expiry in force.
+        verify = self._router._token_verifier
+        token = message.get("token")
+        reason = None
+        if verify is None:
+            reason = "refresh is not supported"
+        elif type(token) is not str:
+            reason = "missing token"
+        else:
+            try:
+                identity = verify(token)
+            except Exception as exc:
+                reason = getattr(exc, "reason", None) or "invalid token"
+            else:
+                allowed = identity.claims.get("assessments")
+                if identity.user_id != self.user_id:
+                    reason = "token is for another user"
+                elif (self.assessment_id is not None and isinstance(allowed, list)
+                      and self.assessment_id not in allowed):
+                    reason = "token does not allow this assessment"
+                else:
+                    self.expires_at = identity.expires_at or 0.0
+                    self._router.refreshes += 1
+                    reply = {"type": "refreshed", "timestamp": iso_utc(_epoch_ms())}
+                    if self.expires_at:
+                        reply["expiresAt"] = iso_utc(<int64_t>(self.expires_at * 1000))
+                    return self._send_now(reply)
+        return self._send_now({"type": "refresh_failed", "reason": reason,
+                               "timestamp": iso_utc(_epoch_ms())})
+
+    cpdef pause_writing(self):
+        """picows: the transport's buffer crossed its high watermark."""
+        if not self._paused:
+            self._paused = True
+            self._router.paused_connections += 1
+
+    cpdef resume_writing(self):
+        """picows: the transport drained below its low watermark."""
+        if self._paused:
+            self._paused = False
+            self._router.paused_connections -= 1
+            self._drain_backlog()
 
     cdef int _on_invalid(self, int reason) except -1:
         cdef double now = self.last_seen
@@ -340,11 +423,30 @@ cdef class Connection(WSListener):
         # close frame arrives (see on_ws_frame), or after a grace period.
         # Closing at once would answer a client that is still writing with
         # a reset, which can destroy the close frame before it is read.
-        self._close_timer = t._loop.call_later(_CLOSE_GRACE_S, getattr(t, "disconnect"))
+        self._close_timer = t._loop.call_later(_CLOSE_GRACE_S, self._finish_close)
 
-    cdef inline int _enqueue(self, bytes frame) except -1:
+    def _finish_close(self):
+        # Graceful close flushes what is queued (the close frame included);
+        # a client that never reads would hold that forever, so it is cut
+        # off after a further grace.
+        cdef WSTransport t = self._transport
+        self._close_timer = None
+        if t.is_disconnected:
+            return
+        t.disconnect(True)
+        self._close_timer = t._loop.call_later(_ABORT_GRACE_S, self._abort)
+
+    def _abort(self):
+        cdef WSTransport t = self._transport
+        self._close_timer = None
+        if not t.is_disconnected:
+            t.disconnect(False)
+
+    cdef inline int _enqueue(self, bytes frame, str ckey) except -1:
         if self._closing:
             return 0
+        if self._paused:
+            return self._defer(frame, ckey)
         self._queued += 1
         if self._buf_len:
             return self._buf_append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
@@ -357,6 +459,61 @@ cdef class Connection(WSListener):
                          PyBytes_GET_SIZE(self._pending))
         self._pending = None
         return self._buf_append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+
+    cdef int _defer(self, bytes frame, str ckey) except -1:
+        # The client is behind. State-like messages (the latest price of a
+        # market, the latest P&L, the latest status of a rule) replace their
+        # older copy, which is worthless now; events (violations, positions,
+        # assessment status) queue in order and are never dropped silently:
+        # past the hard limit the client is closed with 1013 instead.
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        cdef Py_ssize_t index
+        if self._backlog is None:
+            self._backlog = []
+            self._backlog_keys = {}
+        if ckey is not None:
+            found = self._backlog_keys.get(ckey)
+            if found is not None:
+                index = <Py_ssize_t>found
+                self._backlog_bytes -= PyBytes_GET_SIZE(<bytes>self._backlog[index])
+                self._backlog[index] = None
+                self._router.conflated += 1
+            self._backlog_keys[ckey] = len(self._backlog)
+        self._backlog.append(frame)
+        self._backlog_bytes += size
+        cdef Py_ssize_t queued = self._backlog_bytes + <Py_ssize_t>(
+            self._transport.underlying_transport.get_write_buffer_size())
+        if queued > self._router._max_buffer_bytes:
+            self._router.slow_client_closes += 1
+            self._backlog = None
+            self._backlog_keys = None
+            self._backlog_bytes = 0
+            self.close(CLOSE_TRY_AGAIN_LATER, "client too slow: outbound buffer over limit")
+        return 0
+
+    cdef int _drain_backlog(self) except -1:
+        cdef list backlog = self._backlog
+        cdef Py_ssize_t sent = 0
+        cdef WSTransport t = self._transport
+        self._backlog = None
+        self._backlog_keys = None
+        self._backlog_bytes = 0
+        if not backlog or self._closing or t.is_close_frame_sent or t.is_disconnected:
+            return 0
+        for frame in backlog:
+            if frame is not None:
+                self._buf_append(PyBytes_AS_STRING(<bytes>frame),
+                                 PyBytes_GET_SIZE(<bytes>frame))
+                sent += 1
+        if self._buf_len:
+            try:
+                t._fast_write(self._buf, self._buf_len)
+            finally:
+                self._buf_len = 0
+            if self._buf_cap > _KEEP_BUF_BYTES:
+                self._buf_release()
+        self._router.messages_sent += sent
+        return 0
 
     cdef int _buf_append(self, const char* data, Py_ssize_t size) except -1:
         cdef Py_ssize_t need = self._buf_len + size
@@ -414,12 +571,22 @@ cdef class Router:
         with 4000, milliseconds.
     :param max_invalid_frames: invalid client frames tolerated per 10 s before
         the connection is closed with 1008.
+    :param max_messages_per_s: inbound frames per second per client before a
+        1008 close.
+    :param max_buffer_bytes: outbound bytes a slow client may have queued
+        (transport buffer plus backlog) before a 1013 close.
+    :param socket_send_buffer: ``SO_SNDBUF`` for client sockets, bytes; 0
+        leaves the kernel's autotuning.
+    :param token_verifier: ``verify(token) -> Identity`` for ``refresh``
+        messages; raises on a bad token.
     :param on_closed: called as ``on_closed(connection, close_code)`` after a
         connection is gone (metrics use it for the duration histogram).
     """
 
     def __cinit__(self, *, double heartbeat_interval_ms=30000,
                   double connection_timeout_ms=60000, int max_invalid_frames=20,
+                  int max_messages_per_s=50, Py_ssize_t max_buffer_bytes=1048576,
+                  int socket_send_buffer=0, object token_verifier=None,
                   object on_closed=None):
         self._rooms = {}
         self._conns = []
@@ -431,6 +598,10 @@ cdef class Router:
         self._heartbeat_interval_s = heartbeat_interval_ms / 1000.0
         self._connection_timeout_s = connection_timeout_ms / 1000.0
         self._max_invalid_frames = max_invalid_frames
+        self._max_messages_per_s = max_messages_per_s
+        self._max_buffer_bytes = max_buffer_bytes
+        self._sndbuf = socket_send_buffer
+        self._token_verifier = token_verifier
         self._next_ping = _monotonic() + self._heartbeat_interval_s
         self._closed_by_code = {}
         self._loop_thread = PyThread_get_thread_ident()
@@ -443,6 +614,15 @@ cdef class Router:
     @on_closed.setter
     def on_closed(self, callback):
         self._on_closed = callback
+
+    @property
+    def token_verifier(self):
+        """``verify(token) -> Identity`` used for ``refresh`` messages."""
+        return self._token_verifier
+
+    @token_verifier.setter
+    def token_verifier(self, verify):
+        self._token_verifier = verify
 
     # -- registry ---------------------------------------------------------
 
@@ -610,6 +790,17 @@ cdef class Router:
                 out["assessmentId"] = room
         if "timestamp" not in out:
             out["timestamp"] = iso_utc(ts_ms)
+        # Conflation key for clients that are behind: only the newest of
+        # these is worth sending (a connection has one assessment, so its P&L
+        # needs no further key).
+        if kind == KIND_MARKET_PRICE:
+            self._ev_ckey = "m:" + str(event.get("market"))
+        elif kind == KIND_PNL_UPDATE:
+            self._ev_ckey = "p"
+        elif kind == KIND_RULE_STATUS:
+            self._ev_ckey = "r:" + str(event.get("rule"))
+        else:
+            self._ev_ckey = None
         self._ev_kind = kind
         self._ev_room = room
         self._ev_payload = _dumps(out)
@@ -628,8 +819,9 @@ cdef class Router:
         if not targets:
             return 0
         frame = make_frame(self._ev_payload)
+        ckey = self._ev_ckey
         for conn in targets:
-            (<Connection>conn)._enqueue(frame)
+            (<Connection>conn)._enqueue(frame, ckey)
         return 0
 
     cdef int _flush(self) except -1:
@@ -680,6 +872,7 @@ cdef class Router:
         Called periodically by the server; there is no timer per connection.
         """
         cdef double now = _monotonic()
+        cdef double wall = _epoch_s()
         cdef bint ping = now >= self._next_ping
         cdef bytes frame = None
         cdef Connection conn
@@ -692,8 +885,13 @@ cdef class Router:
                 self.heartbeat_failures += 1
                 conn.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                 continue
+            if conn.expires_at and wall >= conn.expires_at:
+                self.token_expiry_closes += 1
+                conn.close(CLOSE_TOKEN_EXPIRED,
+                           "token expired: reconnect with a new token")
+                continue
             if ping:
-                conn._enqueue(frame)
+                conn._enqueue(frame, "ping")
             if not conn._buf_used and conn._buf != NULL and conn._buf_len == 0:
                 # Idle connections give their coalescing buffer back.
                 conn._buf_release()
@@ -717,6 +915,12 @@ cdef class Router:
             "kafka_processed": self.kafka_processed,
             "heartbeat_failures": self.heartbeat_failures,
             "batches": self.batches,
+            "conflated": self.conflated,
+            "slow_client_closes": self.slow_client_closes,
+            "rate_limit_closes": self.rate_limit_closes,
+            "token_expiry_closes": self.token_expiry_closes,
+            "refreshes": self.refreshes,
+            "paused_connections": self.paused_connections,
             "dropped": {_DROP_REASONS[i]: self._dropped[i] for i in range(1, DROP_COUNT)},
             "ignored": {_IGNORED_REASONS[i]: self._ignored[i]
                         for i in range(IGNORED_COUNT)},

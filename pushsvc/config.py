@@ -74,6 +74,10 @@ class Settings:
     :param max_connection_buffer_bytes: outbound bytes a slow client may have
         queued before it is closed with 1013 (``MAX_CONNECTION_BUFFER``, bytes,
         default 1048576).
+    :param socket_send_buffer_bytes: ``SO_SNDBUF`` of each client socket
+        (``SOCKET_SEND_BUFFER``, bytes; default 0 keeps the kernel's
+        autotuning). Smaller values bound the kernel memory a stalled client
+        can hold and make backpressure (conflation, 1013) start sooner.
     """
 
     host: str = "0.0.0.0"
@@ -103,6 +107,7 @@ class Settings:
     require_assessment_claim: bool = False
     max_client_messages_per_s: int = 50
     max_connection_buffer_bytes: int = 1_048_576
+    socket_send_buffer_bytes: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -252,6 +257,7 @@ _ENV_NAMES = {
     "require_assessment_claim": "REQUIRE_ASSESSMENT_CLAIM",
     "max_client_messages_per_s": "MAX_CLIENT_MESSAGES_PER_SEC",
     "max_connection_buffer_bytes": "MAX_CONNECTION_BUFFER",
+    "socket_send_buffer_bytes": "SOCKET_SEND_BUFFER",
 }
 
 _SECRETS = frozenset({"jwt_secret"})
@@ -279,6 +285,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "require_assessment_claim": _bool,
     "max_client_messages_per_s": _int_in(1),
     "max_connection_buffer_bytes": _int_in(4096),
+    "socket_send_buffer_bytes": _int_in(0, 64 * 1024 * 1024),
 }
 
 

@@ -108,6 +108,39 @@ class _ServiceCollector(Collector):
             closed.add_metric([str(code)], count)
         yield closed
         yield CounterMetricFamily(
+            "websocket_conflated_messages_total",
+            "State-like messages replaced by a newer one while their client was "
+            "behind (market_price per market, pnl_update, rule_status per rule).",
+            value=stats["conflated"],
+        )
+        yield CounterMetricFamily(
+            "websocket_slow_client_closes_total",
+            "Connections closed with 1013 because their outbound buffer passed "
+            "MAX_CONNECTION_BUFFER.",
+            value=stats["slow_client_closes"],
+        )
+        yield GaugeMetricFamily(
+            "websocket_slow_clients",
+            "Connections whose transport is over its high watermark right now.",
+            value=stats["paused_connections"],
+        )
+        yield CounterMetricFamily(
+            "websocket_rate_limit_closes_total",
+            "Connections closed with 1008 for sending more than "
+            "MAX_CLIENT_MESSAGES_PER_SEC frames in a second.",
+            value=stats["rate_limit_closes"],
+        )
+        yield CounterMetricFamily(
+            "websocket_token_expiry_closes_total",
+            "Connections closed with 4001 because their token expired.",
+            value=stats["token_expiry_closes"],
+        )
+        yield CounterMetricFamily(
+            "websocket_token_refreshes_total",
+            "Tokens refreshed in place by a refresh message.",
+            value=stats["refreshes"],
+        )
+        yield CounterMetricFamily(
             "websocket_router_batches_total",
             "Batches routed (each flushed with at most one write per connection).",
             value=stats["batches"],
