@@ -92,6 +92,7 @@ cdef class Router:
         int _max_messages_per_s
         Py_ssize_t _max_buffer_bytes
         int _sndbuf
+        bint _require_assessment_claim
         object _token_verifier
         double _next_ping
         double _last_drop_log

@@ -361,7 +361,11 @@ cdef class Connection(WSListener):
                 allowed = identity.claims.get("assessments")
                 if identity.user_id != self.user_id:
                     reason = "token is for another user"
-                elif (self.assessment_id is not None and isinstance(allowed, list)
+                elif allowed is not None and not isinstance(allowed, list):
+                    reason = "the assessments claim must be a list"
+                elif allowed is None and self._router._require_assessment_claim:
+                    reason = "token has no assessments claim"
+                elif (self.assessment_id is not None and allowed is not None
                       and self.assessment_id not in allowed):
                     reason = "token does not allow this assessment"
                 else:
@@ -577,6 +581,8 @@ cdef class Router:
         (transport buffer plus backlog) before a 1013 close.
     :param socket_send_buffer: ``SO_SNDBUF`` for client sockets, bytes; 0
         leaves the kernel's autotuning.
+    :param require_assessment_claim: a refresh token must carry an
+        ``assessments`` claim (as at the handshake).
     :param token_verifier: ``verify(token) -> Identity`` for ``refresh``
         messages; raises on a bad token.
     :param on_closed: called as ``on_closed(connection, close_code)`` after a
@@ -586,8 +592,8 @@ cdef class Router:
     def __cinit__(self, *, double heartbeat_interval_ms=30000,
                   double connection_timeout_ms=60000, int max_invalid_frames=20,
                   int max_messages_per_s=50, Py_ssize_t max_buffer_bytes=1048576,
-                  int socket_send_buffer=0, object token_verifier=None,
-                  object on_closed=None):
+                  int socket_send_buffer=0, bint require_assessment_claim=False,
+                  object token_verifier=None, object on_closed=None):
         self._rooms = {}
         self._conns = []
         self._dirty = []
@@ -601,6 +607,7 @@ cdef class Router:
         self._max_messages_per_s = max_messages_per_s
         self._max_buffer_bytes = max_buffer_bytes
         self._sndbuf = socket_send_buffer
+        self._require_assessment_claim = require_assessment_claim
         self._token_verifier = token_verifier
         self._next_ping = _monotonic() + self._heartbeat_interval_s
         self._closed_by_code = {}

@@ -90,10 +90,13 @@ class TokenVerifier:
         for name in ("exp", "nbf", "iat"):
             if name in claims and not _is_number(claims[name]):
                 raise AuthError(f"malformed token ({name} is not a number)")
-        if "exp" in claims and claims["exp"] <= clock:
+        # Whole seconds, compared as PyJWT compares them.
+        if "exp" in claims and int(claims["exp"]) <= clock:
             raise AuthError("token expired")
-        if "nbf" in claims and claims["nbf"] > clock:
+        if "nbf" in claims and int(claims["nbf"]) > clock:
             raise AuthError("token not yet valid")
+        if "iat" in claims and int(claims["iat"]) > clock:
+            raise AuthError("token not yet valid (issued in the future)")
         for name in ("sub", "jti"):
             if name in claims and not isinstance(claims[name], str):
                 raise AuthError(f"malformed token ({name} is not a string)")

@@ -78,6 +78,9 @@ class Settings:
         (``SOCKET_SEND_BUFFER``, bytes; default 0 keeps the kernel's
         autotuning). Smaller values bound the kernel memory a stalled client
         can hold and make backpressure (conflation, 1013) start sooner.
+    :param serve_dashboard: serve the live page at ``/`` (``SERVE_DASHBOARD``,
+        default false; ``pushsvc demo`` turns it on). ``/client.js`` is served
+        either way.
     """
 
     host: str = "0.0.0.0"
@@ -108,6 +111,7 @@ class Settings:
     max_client_messages_per_s: int = 50
     max_connection_buffer_bytes: int = 1_048_576
     socket_send_buffer_bytes: int = 0
+    serve_dashboard: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -258,6 +262,7 @@ _ENV_NAMES = {
     "max_client_messages_per_s": "MAX_CLIENT_MESSAGES_PER_SEC",
     "max_connection_buffer_bytes": "MAX_CONNECTION_BUFFER",
     "socket_send_buffer_bytes": "SOCKET_SEND_BUFFER",
+    "serve_dashboard": "SERVE_DASHBOARD",
 }
 
 _SECRETS = frozenset({"jwt_secret"})
@@ -286,6 +291,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_client_messages_per_s": _int_in(1),
     "max_connection_buffer_bytes": _int_in(4096),
     "socket_send_buffer_bytes": _int_in(0, 64 * 1024 * 1024),
+    "serve_dashboard": _bool,
 }
 
 

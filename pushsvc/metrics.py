@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ._router import Connection, Router, monotonic
+from .consumer import BREAKER_STATES
 
 if TYPE_CHECKING:
     from ._router import BatchHandoff
@@ -163,6 +164,22 @@ class _ServiceCollector(Collector):
                 "websocket_kafka_consumer_ready",
                 "1 when the consumer holds all its partitions, else 0.",
                 value=1 if self._consumer.ready else 0,
+            )
+            breaker = GaugeMetricFamily(
+                "websocket_kafka_breaker_state",
+                "Kafka circuit breaker: 1 for the current state (closed: brokers "
+                "answer; open: unreachable, partitions paused; half_open: "
+                "probing, recovering), 0 for the others.",
+                labels=["state"],
+            )
+            current = self._consumer.breaker
+            for state in BREAKER_STATES:
+                breaker.add_metric([state], 1 if state == current else 0)
+            yield breaker
+            yield CounterMetricFamily(
+                "websocket_kafka_consumer_restarts_total",
+                "Kafka consumer threads found dead and restarted by the watchdog.",
+                value=self._consumer.restarts,
             )
         yield lag
 
