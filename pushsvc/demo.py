@@ -160,17 +160,19 @@ def run_demo(
             kafka_brokers=broker.bootstrap,
             kafka_topic_refresh_interval_ms=1000,
             heartbeat_interval_ms=30_000,
+            serve_dashboard=True,
         )
         feed = DemoFeed(broker.bootstrap, names)
         token = mint_token("demo-trader", secret, ttl_s=24 * 3600)
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         print(
             "pushsvc demo: broker on %s, %d assessments (%s)\n"
+            "live page:\n  http://%s:%d/?token=%s&assessmentId=%s\n"
             "connect with:\n  ws://%s:%d/ws?token=%s&assessmentId=%s\n"
             "health: http://%s:%d/health  metrics: http://%s:%d/metrics\n"
             "Ctrl-C stops it."
             % (broker.bootstrap, len(names), ", ".join(names), shown, port, token,
-               names[0], shown, port, shown, port),
+               names[0], shown, port, token, names[0], shown, port, shown, port),
             flush=True,
         )
         feed.start()
