@@ -40,6 +40,92 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400)
 
 
+# Router counters exported as they are: (family, name, help, stats key).
+_ROUTER_SCALARS: tuple[tuple[type[Metric], str, str, str], ...] = (
+    (
+        GaugeMetricFamily,
+        "websocket_connections_total",
+        "Open WebSocket connections.",
+        "connections",
+    ),
+    (
+        GaugeMetricFamily,
+        "websocket_assessments_connected",
+        "Assessments with at least one open connection.",
+        "rooms",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_messages_sent_total",
+        "Messages written to clients (events, pings and control messages).",
+        "messages_sent",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_messages_received_total",
+        "Data frames received from clients.",
+        "messages_received",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_kafka_messages_processed_total",
+        "Kafka records processed (routed or dropped).",
+        "kafka_processed",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_heartbeat_failures_total",
+        "Connections closed because nothing arrived within CONNECTION_TIMEOUT.",
+        "heartbeat_failures",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_conflated_messages_total",
+        "State-like messages replaced by a newer one while their client was "
+        "behind (market_price per market, pnl_update, rule_status per rule).",
+        "conflated",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_slow_client_closes_total",
+        "Connections closed with 1013 because their outbound buffer passed "
+        "MAX_CONNECTION_BUFFER.",
+        "slow_client_closes",
+    ),
+    (
+        GaugeMetricFamily,
+        "websocket_slow_clients",
+        "Connections whose transport is over its high watermark right now.",
+        "paused_connections",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_rate_limit_closes_total",
+        "Connections closed with 1008 for sending more than "
+        "MAX_CLIENT_MESSAGES_PER_SEC frames in a second.",
+        "rate_limit_closes",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_token_expiry_closes_total",
+        "Connections closed with 4001 because their token expired.",
+        "token_expiry_closes",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_token_refreshes_total",
+        "Tokens refreshed in place by a refresh message.",
+        "refreshes",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_router_batches_total",
+        "Batches routed (each flushed with at most one write per connection).",
+        "batches",
+    ),
+)
+
+
 class _ServiceCollector(Collector):
     def __init__(
         self,
@@ -53,36 +139,8 @@ class _ServiceCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._router.stats()
-        yield GaugeMetricFamily(
-            "websocket_connections_total",
-            "Open WebSocket connections.",
-            value=stats["connections"],
-        )
-        yield GaugeMetricFamily(
-            "websocket_assessments_connected",
-            "Assessments with at least one open connection.",
-            value=stats["rooms"],
-        )
-        yield CounterMetricFamily(
-            "websocket_messages_sent_total",
-            "Messages written to clients (events, pings and control messages).",
-            value=stats["messages_sent"],
-        )
-        yield CounterMetricFamily(
-            "websocket_messages_received_total",
-            "Data frames received from clients.",
-            value=stats["messages_received"],
-        )
-        yield CounterMetricFamily(
-            "websocket_kafka_messages_processed_total",
-            "Kafka records processed (routed or dropped).",
-            value=stats["kafka_processed"],
-        )
-        yield CounterMetricFamily(
-            "websocket_heartbeat_failures_total",
-            "Connections closed because nothing arrived within CONNECTION_TIMEOUT.",
-            value=stats["heartbeat_failures"],
-        )
+        for family, name, documentation, key in _ROUTER_SCALARS:
+            yield family(name, documentation, value=stats[key])
         dropped = CounterMetricFamily(
             "websocket_kafka_events_dropped_total",
             "Kafka records dropped without reaching a client, by reason.",
@@ -108,44 +166,6 @@ class _ServiceCollector(Collector):
         for code, count in sorted(stats["closed"].items()):
             closed.add_metric([str(code)], count)
         yield closed
-        yield CounterMetricFamily(
-            "websocket_conflated_messages_total",
-            "State-like messages replaced by a newer one while their client was "
-            "behind (market_price per market, pnl_update, rule_status per rule).",
-            value=stats["conflated"],
-        )
-        yield CounterMetricFamily(
-            "websocket_slow_client_closes_total",
-            "Connections closed with 1013 because their outbound buffer passed "
-            "MAX_CONNECTION_BUFFER.",
-            value=stats["slow_client_closes"],
-        )
-        yield GaugeMetricFamily(
-            "websocket_slow_clients",
-            "Connections whose transport is over its high watermark right now.",
-            value=stats["paused_connections"],
-        )
-        yield CounterMetricFamily(
-            "websocket_rate_limit_closes_total",
-            "Connections closed with 1008 for sending more than "
-            "MAX_CLIENT_MESSAGES_PER_SEC frames in a second.",
-            value=stats["rate_limit_closes"],
-        )
-        yield CounterMetricFamily(
-            "websocket_token_expiry_closes_total",
-            "Connections closed with 4001 because their token expired.",
-            value=stats["token_expiry_closes"],
-        )
-        yield CounterMetricFamily(
-            "websocket_token_refreshes_total",
-            "Tokens refreshed in place by a refresh message.",
-            value=stats["refreshes"],
-        )
-        yield CounterMetricFamily(
-            "websocket_router_batches_total",
-            "Batches routed (each flushed with at most one write per connection).",
-            value=stats["batches"],
-        )
         if self._handoff is not None:
             yield CounterMetricFamily(
                 "websocket_kafka_loop_wakeups_total",

@@ -614,6 +614,15 @@ async def wait_for_metric(
 # --------------------------------------------------------------------------- websocket
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (from /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def is_ping(msg: dict[str, Any]) -> bool:
     return msg.get("type") == "ping"
 

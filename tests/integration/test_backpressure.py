@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 from picows import WSListener, WSMsgType, ws_connect
-from utils import Broker, KafkaProducer, Server, make_token, scrape, uid
+from utils import Broker, KafkaProducer, Server, make_token, rss_kib, scrape, uid
 
 READERS = 100
 TICKS = 1500
@@ -123,14 +123,6 @@ class _Reader(WSListener):
             self.latencies.append((time.time_ns() - message["sentNs"]) / 1e6)
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def _produce_paced(
     broker: Broker, topic: str, values: list[dict[str, Any]], rate: float
 ) -> None:
@@ -172,7 +164,7 @@ async def test_a_stalled_client_slows_nobody_and_gets_the_newest_price(
 async def _stall_and_check(
     server: Server, broker: Broker, stalled: _Stalled, readers: list[_Reader]
 ) -> None:
-    rss_before = _rss_kib(server.process.pid)
+    rss_before = rss_kib(server.process.pid)
     ticks = [{"market": "BTC-USD", "price": i} for i in range(TICKS)]
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(
@@ -187,7 +179,7 @@ async def _stall_and_check(
     latencies = sorted(x for r in readers for x in r.latencies)
     p99 = latencies[int(len(latencies) * 0.99)]
     assert p99 < 500, f"readers' p99 latency {p99:.1f} ms"
-    assert _rss_kib(server.process.pid) - rss_before < 64 * 1024
+    assert rss_kib(server.process.pid) - rss_before < 64 * 1024
 
     metrics = scrape(server)
     assert metrics.value("websocket_conflated_messages_total") > 0

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from picows import WSCloseCode, WSListener, ws_connect
-from utils import Broker, KafkaProducer, Server, make_token, scrape, uid
+from utils import Broker, KafkaProducer, Server, make_token, rss_kib, scrape, uid
 
 ROUNDS = 10
 PER_ROUND = 200
@@ -25,14 +25,6 @@ def kafka_topics() -> dict[str, int]:
 class _Quiet(WSListener):
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         pass
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 async def _churn_round(server: Server, count: int) -> None:
@@ -74,7 +66,7 @@ async def test_churn_leaves_no_connection_and_no_memory_behind(
     server: Server, broker: Broker
 ):
     await _churn_round(server, PER_ROUND)  # warm-up: allocator pools, caches
-    rss_before = _rss_kib(server.process.pid)
+    rss_before = rss_kib(server.process.pid)
     stop = threading.Event()
     flow = threading.Thread(target=_flow, args=(broker, stop))
     flow.start()
@@ -95,5 +87,5 @@ async def test_churn_leaves_no_connection_and_no_memory_behind(
     closed = metrics.value("websocket_connections_closed_total")
     assert closed >= (ROUNDS + 1) * PER_ROUND
     assert metrics.value("websocket_connections_closed_total", code="1006") > 0
-    growth = _rss_kib(server.process.pid) - rss_before
+    growth = rss_kib(server.process.pid) - rss_before
     assert growth < 8 * 1024, f"RSS grew by {growth} KiB over the churn"
