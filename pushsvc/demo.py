@@ -6,7 +6,6 @@ prints a WebSocket URL with a freshly minted token.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import secrets
@@ -64,7 +63,9 @@ class DemoFeed:
         self._thread.join(5)
         self._producer.flush(5)
 
-    def _send(self, topic: str, value: dict[str, object], key: str | None = None) -> None:
+    def _send(
+        self, topic: str, value: dict[str, object], key: str | None = None
+    ) -> None:
         self._producer.produce(topic, orjson.dumps(value), key=key)
         self._producer.poll(0)
 
@@ -74,13 +75,16 @@ class DemoFeed:
             if tick % 80 == 0:
                 for assessment in self._assessments:
                     self._send(
-                        "assessment.status", {"assessment_id": assessment, "status": "active"}
+                        "assessment.status",
+                        {"assessment_id": assessment, "status": "active"},
                     )
             tick += 1
             market = self._rng.choice(list(self._prices))
             price = self._prices[market] * (1 + self._rng.gauss(0, 0.0008))
             self._prices[market] = price
-            self._send("market-data.prices", {"market": market, "price": round(price, 6)})
+            self._send(
+                "market-data.prices", {"market": market, "price": round(price, 6)}
+            )
             if tick % 4 == 0:
                 for assessment in self._assessments:
                     self._trade_and_mark(assessment)
@@ -138,16 +142,14 @@ class DemoFeed:
                 "rule": "max_daily_loss",
                 "value": round(loss, 2),
                 "threshold": limit,
-                "status": "breached" if loss >= limit else (
-                    "warning" if loss >= 0.8 * limit else "ok"
-                ),
+                "status": "breached"
+                if loss >= limit
+                else ("warning" if loss >= 0.8 * limit else "ok"),
             },
         )
 
 
-def run_demo(
-    *, port: int = 3003, host: str = "127.0.0.1", assessments: int = 3
-) -> int:
+def run_demo(*, port: int = 3003, host: str = "127.0.0.1", assessments: int = 3) -> int:
     """Run broker, feed and server until interrupted; returns the exit code."""
     names = [f"demo-{i}" for i in range(1, assessments + 1)]
     secret = secrets.token_urlsafe(32)
@@ -171,8 +173,23 @@ def run_demo(
             "connect with:\n  ws://%s:%d/ws?token=%s&assessmentId=%s\n"
             "health: http://%s:%d/health  metrics: http://%s:%d/metrics\n"
             "Ctrl-C stops it."
-            % (broker.bootstrap, len(names), ", ".join(names), shown, port, token,
-               names[0], shown, port, token, names[0], shown, port, shown, port),
+            % (
+                broker.bootstrap,
+                len(names),
+                ", ".join(names),
+                shown,
+                port,
+                token,
+                names[0],
+                shown,
+                port,
+                token,
+                names[0],
+                shown,
+                port,
+                shown,
+                port,
+            ),
             flush=True,
         )
         feed.start()

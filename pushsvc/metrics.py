@@ -41,7 +41,9 @@ _DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86
 
 
 # Router counters exported as they are: (family, name, help, stats key).
-_ROUTER_SCALARS: tuple[tuple[type[Metric], str, str, str], ...] = (
+_ROUTER_SCALARS: tuple[
+    tuple[type[GaugeMetricFamily] | type[CounterMetricFamily], str, str, str], ...
+] = (
     (
         GaugeMetricFamily,
         "websocket_connections_total",

@@ -1,4 +1,4 @@
-"""The HTTP/WebSocket front: one port for ``/ws``, ``/health``, ``/ready``, ``/metrics``.
+"""The HTTP/WebSocket front: one port for `/ws`, `/health`, `/ready`, `/metrics`.
 
 picows answers every request through one factory call, before the upgrade is
 validated: that is where the path is routed, the token checked, and plain HTTP

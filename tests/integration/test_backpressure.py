@@ -202,8 +202,13 @@ async def test_a_stalled_client_past_the_buffer_limit_is_closed_with_1013(
     assessment = uid()
     stalled = _Stalled(server, assessment)
     violations = [
-        {"assessment_id": assessment, "rule": "max_loss", "value": i, "threshold": 1,
-         "note": "x" * 200}
+        {
+            "assessment_id": assessment,
+            "rule": "max_loss",
+            "value": i,
+            "threshold": 1,
+            "note": "x" * 200,
+        }
         for i in range(4000)
     ]
     loop = asyncio.get_running_loop()

@@ -12,7 +12,6 @@ import logging
 import os
 
 from picows.picows import WSTransport
-
 from pushsvc._router import Connection, Router
 
 

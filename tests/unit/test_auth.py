@@ -6,7 +6,6 @@ import time
 
 import jwt
 import pytest
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,11 +52,20 @@ def test_minted_token_round_trips_with_expiry(verify):
             jwt.encode({"sub": "u"}, "another-secret-that-is-long-enough-00", "HS256"),
             "invalid signature",
         ),
-        (jwt.encode({"sub": "u", "exp": 1}, SECRET, algorithm="HS256"), "token expired"),
+        (
+            jwt.encode({"sub": "u", "exp": 1}, SECRET, algorithm="HS256"),
+            "token expired",
+        ),
         (jwt.encode({"role": "x"}, SECRET, algorithm="HS256"), "no userId or sub"),
-        (_b64({"alg": "none", "typ": "JWT"}) + "." + _b64({"sub": "u"}) + ".", "algorithm"),
+        (
+            _b64({"alg": "none", "typ": "JWT"}) + "." + _b64({"sub": "u"}) + ".",
+            "algorithm",
+        ),
         (jwt.encode({"sub": "u"}, SECRET, algorithm="HS512"), "algorithm"),
-        (jwt.encode({"sub": "u", "nbf": 4e9}, SECRET, algorithm="HS256"), "not yet valid"),
+        (
+            jwt.encode({"sub": "u", "nbf": 4e9}, SECRET, algorithm="HS256"),
+            "not yet valid",
+        ),
         (
             jwt.encode({"sub": "u"}, SECRET, algorithm="HS256")[:-4] + "AAAA",
             "invalid signature",
@@ -65,9 +73,20 @@ def test_minted_token_round_trips_with_expiry(verify):
         ("a.b", "malformed"),
         ("é.é.é", "malformed"),
     ],
-    ids=["none", "empty", "malformed", "bad-signature", "expired", "no-user",
-         "alg-none", "alg-hs512", "nbf-future", "tampered-signature", "two-parts",
-         "non-ascii"],
+    ids=[
+        "none",
+        "empty",
+        "malformed",
+        "bad-signature",
+        "expired",
+        "no-user",
+        "alg-none",
+        "alg-hs512",
+        "nbf-future",
+        "tampered-signature",
+        "two-parts",
+        "non-ascii",
+    ],
 )
 def test_bad_tokens_are_refused_with_a_reason(verify, token, reason):
     with pytest.raises(AuthError, match=reason):

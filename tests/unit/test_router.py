@@ -1,9 +1,8 @@
 """The compiled router: decode once, normalize, frame; drops have reasons."""
 
 import orjson
-import pytest
-
 import pushsvc._router as router_module
+import pytest
 from pushsvc._router import Router, camel, iso_utc, make_frame
 
 TS = 1_795_690_747_123  # 2026-11-26T10:59:07.123Z
@@ -79,7 +78,9 @@ def test_present_timestamp_is_kept(router):
 
 
 def test_routing_key_falls_back_to_the_record_key(router):
-    kind, room, message = normalize(router, {"status": "passed"}, "assessment.status", b"a-9")
+    kind, room, message = normalize(
+        router, {"status": "passed"}, "assessment.status", b"a-9"
+    )
     assert (kind, room) == ("assessment_update", "a-9")
     assert message["assessmentId"] == "a-9"
 
@@ -91,7 +92,9 @@ def test_numeric_assessment_id_routes_as_a_string(router):
 
 
 def test_market_price_has_no_room(router):
-    kind, room, _ = normalize(router, {"market": "ETH", "price": 2}, "market-data.prices")
+    kind, room, _ = normalize(
+        router, {"market": "ETH", "price": 2}, "market-data.prices"
+    )
     assert (kind, room) == ("market_price", None)
 
 

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from picows.picows import WSMsgType, _make_test_ws_frame
-
 from pushsvc._router import DROP_REASONS, Router
 
 from .fakes import FakeClients
@@ -34,21 +33,43 @@ _json = st.recursive(
     | st.integers(-(2**63), 2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(
-            ["type", "assessmentId", "assessment_id", "market", "price", "rule",
-             "timestamp", "unrealized_pnl", "_x", "a__b", "x"]
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "assessmentId",
+                    "assessment_id",
+                    "market",
+                    "price",
+                    "rule",
+                    "timestamp",
+                    "unrealized_pnl",
+                    "_x",
+                    "a__b",
+                    "x",
+                ]
+            )
+            | st.text(max_size=8),
+            children,
+            max_size=6,
         )
-        | st.text(max_size=8),
-        children,
-        max_size=6,
     ),
     max_leaves=12,
 )
 _types = st.sampled_from(
-    ["market_price", "pnl_update", "position_update", "rule_status", "violation",
-     "assessment_update", "bogus", 7, None]
+    [
+        "market_price",
+        "pnl_update",
+        "position_update",
+        "rule_status",
+        "violation",
+        "assessment_update",
+        "bogus",
+        7,
+        None,
+    ]
 )
 
 
@@ -76,8 +97,11 @@ def loop():
     loop.close()
 
 
-@settings(max_examples=400, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(batch=st.lists(records(), max_size=20))
 def test_any_record_is_routed_or_dropped_and_counted(loop, batch):
     router = Router()
@@ -103,13 +127,22 @@ def test_any_record_is_routed_or_dropped_and_counted(loop, batch):
 
 
 _frames = st.tuples(
-    st.sampled_from([WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION,
-                     WSMsgType.PONG]),
+    st.sampled_from(
+        [WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.PONG]
+    ),
     st.one_of(
         st.binary(max_size=64),
         st.builds(orjson.dumps, _json),
-        st.sampled_from([b'{"type":"pong"}', b'{"type":"ping"}', b'{"type":"refresh"}',
-                         b'{"type":"subscribe"}', b"[]", b"\xff"]),
+        st.sampled_from(
+            [
+                b'{"type":"pong"}',
+                b'{"type":"ping"}',
+                b'{"type":"refresh"}',
+                b'{"type":"subscribe"}',
+                b"[]",
+                b"\xff",
+            ]
+        ),
     ),
     st.booleans(),
 )
@@ -131,8 +164,11 @@ def _expected_ignored(opcode, payload, fin) -> int:
     return 0 if message.get("type") in ("pong", "ping", "refresh") else 1
 
 
-@settings(max_examples=400, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(frames=st.lists(_frames, max_size=30))
 def test_any_client_frame_is_handled_or_ignored_and_counted(loop, frames):
     router = Router(max_invalid_frames=10_000, max_messages_per_s=10_000)
@@ -141,7 +177,9 @@ def test_any_client_frame_is_handled_or_ignored_and_counted(loop, frames):
         conn, transport, _ = clients.connect("u1", "a1")
         expected = 0
         for opcode, payload, fin in frames:
-            conn.on_ws_frame(transport, _make_test_ws_frame(opcode, payload, fin, False))
+            conn.on_ws_frame(
+                transport, _make_test_ws_frame(opcode, payload, fin, False)
+            )
             expected += _expected_ignored(opcode, payload, fin)
         assert sum(router.stats()["ignored"].values()) == expected
         assert router.connection_count == 1
