@@ -143,6 +143,8 @@ class PushServer:
         self.metrics = Metrics(self.router)
         self.refusals = _Refusals()
         self._verifier = TokenVerifier(settings.jwt_secret)
+        # Per-connection debug lines cost one branch when DEBUG is off.
+        self._log_debug = log.isEnabledFor(logging.DEBUG)
         self.router.token_verifier = self._verifier.verify
         self._server: asyncio.Server | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -345,6 +347,12 @@ class PushServer:
 
     def _on_connection_closed(self, connection: Connection, code: int) -> None:
         """Router callback after a connection is gone: metrics, per-user count."""
+        if self._log_debug:
+            log.debug(
+                "connection closed with %d",
+                code,
+                extra={"connection_id": connection.connection_id},
+            )
         try:
             self.metrics.on_connection_closed(connection, code)
         finally:
@@ -494,6 +502,14 @@ class PushServer:
         # refuses the upgrade after this returns.
         self.user_connections[user] = open_now + 1
         asyncio.get_running_loop().call_soon(self._confirm_upgrade, connection)
+        if self._log_debug:
+            # The id the client sees in its connected message, never the token.
+            log.debug(
+                "connection accepted for user %s, assessment %s",
+                user,
+                assessment,
+                extra={"connection_id": connection.connection_id},
+            )
         if _BEARER in offered:
             # A browser that offered subprotocols fails the connection unless
             # the 101 selects exactly one of them.
