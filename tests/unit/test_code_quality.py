@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +22,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ruff") is None, reason="ruff is not installed"
+)
 def test_ruff_is_clean():
     result = _run("ruff", "check", "pushsvc", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
