@@ -19,6 +19,7 @@ import threading
 import orjson
 import pytest
 from picows.picows import WSTransport
+
 from pushsvc._router import BatchHandoff, Connection, Router
 
 PNL = orjson.dumps(
@@ -55,12 +56,21 @@ class _NullTransport:
 
 
 class _Message:
-    """The five confluent-kafka ``Message`` methods the router calls."""
+    """The confluent-kafka ``Message`` methods the router calls."""
 
-    __slots__ = ("_value", "_topic", "_key")
+    __slots__ = ("_value", "_topic", "_key", "_offset")
+    _next_offset = 0
 
     def __init__(self, value: bytes, topic: str, key: bytes | None = None) -> None:
         self._value, self._topic, self._key = value, topic, key
+        _Message._next_offset += 1
+        self._offset = _Message._next_offset
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
 
     def error(self) -> None:
         return None

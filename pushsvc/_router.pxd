@@ -31,6 +31,20 @@ cdef enum:
     IGNORED_COUNT = 5
 
 
+cdef class _AssessmentState:
+    # What the router remembers of one assessment: its position vector, the
+    # recent messages for resume, and the latest state for the snapshot.
+    cdef:
+        dict vector
+        object buffer
+        dict evicted
+        bytes pnl
+        bytes status
+        dict rules
+        dict positions
+        Py_ssize_t nbytes
+
+
 cdef class Connection(WSListener):
     cdef:
         readonly str connection_id
@@ -63,11 +77,17 @@ cdef class Connection(WSListener):
         # Inbound rate limit: frames in the current one-second window.
         double _rate_window_start
         int _rate_count
+        # Resume: the position the client came back with; while a read-back
+        # from Kafka runs, live frames are held (in _backlog, not conflated).
+        str _since
+        bint _holding
+        dict _floor
 
     cdef inline int _enqueue(self, bytes frame, str ckey) except -1
     cdef int _defer(self, bytes frame, str ckey) except -1
     cdef int _drain_backlog(self) except -1
     cdef int _on_refresh(self, dict message) except -1
+    cdef int _write_frames(self, list payloads) except -1
     cdef int _flush(self) except -1
     cdef int _buf_append(self, const char* data, Py_ssize_t size) except -1
     cdef void _buf_release(self) noexcept
@@ -94,6 +114,26 @@ cdef class Router:
         int _sndbuf
         bint _require_assessment_claim
         object _token_verifier
+        object _on_readback
+        object _live_check
+        bint _live
+        list _warm
+        dict _assessments
+        dict _prices
+        dict _positions
+        dict _pkey_topics
+        dict _first_offsets
+        int _buffer_events
+        Py_ssize_t _buffer_max_bytes
+        Py_ssize_t _state_max
+        double _resume_max_age_s
+        readonly Py_ssize_t buffer_bytes
+        readonly Py_ssize_t buffer_entries
+        readonly uint64_t buffer_evictions
+        readonly uint64_t state_evictions
+        readonly uint64_t resumes_memory
+        readonly uint64_t resumes_kafka
+        readonly uint64_t resumes_refused
         double _next_ping
         double _last_drop_log
         uint64_t _drops_since_log
@@ -115,10 +155,21 @@ cdef class Router:
         int _ev_kind
         str _ev_room
         str _ev_ckey
+        int64_t _ev_pkey
+        int64_t _ev_offset
         bytes _ev_payload
         unsigned long _loop_thread
 
-    cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms) except -1
+    cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms,
+                     int partition=*, int64_t offset=*, bint track=*) except -1
+    cdef _AssessmentState _state(self, str room)
+    cdef int _remember(self, _AssessmentState st, dict event, int64_t ts_ms) except -1
+    cdef int _trim(self, _AssessmentState st) except -1
+    cdef int _evict(self, _AssessmentState st, tuple item) except -1
+    cdef bytes _snapshot(self, Connection conn)
+    cdef object _plan_resume(self, Connection conn)
+    cdef int _process_warm(self) except -1
+    cdef int _check_live(self) except -1
     cdef int _fan_out(self) except -1
     cdef int _flush(self) except -1
     cdef int _register(self, Connection conn) except -1

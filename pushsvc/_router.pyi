@@ -17,6 +17,8 @@ def monotonic() -> float: ...
 def iso_utc(ms: int) -> str: ...
 def camel(key: str) -> str: ...
 def make_frame(payload: bytes) -> bytes: ...
+def encode_pos(vector: dict[int, int], issued_s: int) -> str: ...
+def decode_pos(token: str) -> tuple[int, dict[int, int]]: ...
 
 class Connection(WSListener):
     connection_id: str
@@ -32,6 +34,7 @@ class Connection(WSListener):
         assessment_id: str | None = None,
         connection_id: str | None = None,
         expires_at: float = 0.0,
+        since: str | None = None,
     ) -> None: ...
     def on_ws_connected(self, transport: WSTransport) -> None: ...
     def on_ws_disconnected(self, transport: WSTransport) -> None: ...
@@ -39,6 +42,13 @@ class Connection(WSListener):
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
     def close(self, code: int, reason: str) -> None: ...
+    def finish_resume(
+        self,
+        records: list[tuple[str, int, int, bytes | None, bytes | None, int]],
+        vector: dict[int, int],
+        events: list[Any],
+        error: str | None = None,
+    ) -> None: ...
 
 class Router:
     messages_sent: int
@@ -54,6 +64,8 @@ class Router:
     paused_connections: int
     on_closed: Callable[[Connection, int], None] | None
     token_verifier: Callable[[str], Any] | None
+    on_readback: Callable[..., None] | None
+    live_check: Callable[[], bool] | None
     def __init__(
         self,
         *,
@@ -64,6 +76,10 @@ class Router:
         max_buffer_bytes: int = 1048576,
         socket_send_buffer: int = 0,
         require_assessment_claim: bool = False,
+        resume_buffer_size: int = 256,
+        resume_buffer_max_bytes: int = 67108864,
+        resume_max_age_ms: float = 300000,
+        state_max_assessments: int = 100000,
         token_verifier: Callable[[str], Any] | None = None,
         on_closed: Callable[[Connection, int], None] | None = None,
     ) -> None: ...

@@ -18,9 +18,13 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
+import base64
+import binascii
 import collections
+import heapq
 import logging
 import uuid
+import zlib
 
 import orjson
 
@@ -94,7 +98,7 @@ cdef:
     # Frames are written with their header in front; 10 bytes covers any length.
     Py_ssize_t _MAX_HEADER = 10
     # A coalescing buffer that grew past this is given back after its flush.
-    Py_ssize_t _KEEP_BUF_BYTES = 16384
+    Py_ssize_t _KEEP_BUF_BYTES = 65536
     double _INVALID_WINDOW_S = 10.0
     # How long a server-initiated close waits for the client's close frame.
     double _CLOSE_GRACE_S = 1.0
@@ -209,6 +213,103 @@ cdef str _room_of(object value):
     return None
 
 
+# -- resume positions -----------------------------------------------------
+#
+# A partition is named by a 24-bit hash of its topic and its number, so the
+# same record has the same key on every replica (no replica-local index). A
+# position is the vector "last offset seen, per partition" of one assessment,
+# with the time it was issued (for RESUME_MAX_AGE), as base64url varints.
+
+cdef dict _TOPIC_IDS = {}
+cdef int _POS_VERSION = 1
+
+
+cdef inline int64_t _pkey(str topic, int partition):
+    found = _TOPIC_IDS.get(topic)
+    if found is None:
+        found = zlib.crc32(topic.encode()) & 0xFFFFFF
+        if len(_TOPIC_IDS) < 100_000:
+            _TOPIC_IDS[topic] = found
+    return (<int64_t>found << 20) | (partition & 0xFFFFF)
+
+
+cdef inline void _put_varint(bytearray out, uint64_t value):
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+cpdef str encode_pos(dict vector, int64_t issued_s):
+    """The opaque position token for ``vector`` (partition key -> offset)."""
+    cdef bytearray out = bytearray()
+    out.append(_POS_VERSION)
+    _put_varint(out, <uint64_t>max(issued_s, 0))
+    for key in (vector if len(vector) < 2 else sorted(vector)):
+        _put_varint(out, <uint64_t>key)
+        _put_varint(out, <uint64_t>max(<int64_t>vector[key], 0))
+    return base64.urlsafe_b64encode(bytes(out)).rstrip(b"=").decode("ascii")
+
+
+cpdef tuple decode_pos(str token):
+    """``(issued_s, vector)`` of a position token.
+
+    :raises ValueError: for anything that is not a token this router issued.
+    """
+    cdef bytes raw
+    cdef Py_ssize_t i = 0, n
+    cdef uint64_t value
+    cdef int shift
+    cdef list numbers = []
+    if not token or len(token) > 4096:
+        raise ValueError("empty or oversized position")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * ((4 - len(token) % 4) % 4))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ValueError("position is not base64url") from None
+    n = len(raw)
+    if n < 2 or raw[0] != _POS_VERSION:
+        raise ValueError("unknown position version")
+    i = 1
+    while i < n:
+        value = 0
+        shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ValueError("truncated position")
+            value |= <uint64_t>(raw[i] & 0x7F) << shift
+            shift += 7
+            i += 1
+            if not raw[i - 1] & 0x80:
+                break
+        numbers.append(value)
+    if len(numbers) % 2 != 1:
+        raise ValueError("malformed position")
+    vector = {}
+    for j in range(1, len(numbers), 2):
+        vector[<int64_t>numbers[j]] = <int64_t>numbers[j + 1]
+    return numbers[0], vector
+
+
+cdef bytes _with_pos(bytes payload, str token):
+    # Positions are always the last field, so a replayed message is
+    # re-positioned by splicing bytes instead of re-serializing.
+    cdef Py_ssize_t at = payload.rfind(b',"pos":"')
+    if at < 0:
+        at = len(payload) - 1
+    return payload[:at] + b',"pos":"' + token.encode("ascii") + b'"}'
+
+
+@cython.final
+cdef class _AssessmentState:
+    def __cinit__(self):
+        self.vector = {}
+        self.buffer = collections.deque()
+        self.evicted = {}
+        self.rules = {}
+        self.positions = {}
+
+
 @cython.final
 cdef class Connection(WSListener):
     """One client connection: a picows listener and its routing state.
@@ -221,9 +322,10 @@ cdef class Connection(WSListener):
 
     def __cinit__(self, Router router not None, str user_id not None,
                   str assessment_id=None, str connection_id=None,
-                  double expires_at=0.0):
+                  double expires_at=0.0, str since=None):
         self._router = router
         self.expires_at = expires_at
+        self._since = since if since and assessment_id else None
         self.user_id = user_id
         self.assessment_id = assessment_id if assessment_id else None
         self.connection_id = connection_id if connection_id else str(_uuid4())
@@ -250,15 +352,106 @@ cdef class Connection(WSListener):
         self.last_seen = now
         self._invalid_window_start = now
         self._router._register(self)
+        cdef Router router = self._router
+        cdef str refused = None
+        router._check_live()
+        if self._since is not None:
+            plan = router._plan_resume(self)
+            if type(plan) is str:
+                refused = <str>plan
+            else:
+                vector, events, ranges = plan
+                if ranges and router._on_readback is not None:
+                    # Live frames wait until the read-back is written.
+                    self._holding = True
+                    router._on_readback(self, ranges, vector, events)
+                    return
+                if not ranges:
+                    router.resumes_memory += 1
+                    self._floor = vector
+                    self._send_connected(True, vector)
+                    self._write_frames(_replay(vector, events))
+                    return
+                refused = "the gap is no longer in memory"
+        self._send_connected(False, None)
+        if refused is not None:
+            router.resumes_refused += 1
+            self._send_now({"type": "resync_required", "reason": refused})
+        self._send_raw(router._snapshot(self))
+
+    def _send_connected(self, resumed, vector):
         message = {
             "type": "connected",
             "connectionId": self.connection_id,
             "userId": self.user_id,
             "timestamp": iso_utc(_epoch_ms()),
         }
+        message["resumed"] = bool(resumed)
         if self.assessment_id is not None:
             message["assessmentId"] = self.assessment_id
+            if vector is None:
+                st = self._router._assessments.get(self.assessment_id)
+                vector = {} if st is None else (<_AssessmentState>st).vector
+            message["pos"] = encode_pos(vector, _epoch_ms() // 1000)
         self._send_now(message)
+
+    def _send_raw(self, bytes payload):
+        cdef WSTransport t = self._transport
+        if t is None or self._closing or t.is_close_frame_sent or t.is_disconnected:
+            return
+        t.send(WSMsgType.TEXT, payload)
+        self._router.messages_sent += 1
+
+    def finish_resume(self, list records, dict vector, list events, error=None):
+        """Complete a resume that needed a read-back from Kafka.
+
+        :param records: ``(topic, partition, offset, value, key, ts_ms)`` read
+            back, in per-partition order; those of other assessments are skipped.
+        :param error: why the read-back failed, if it did (the client then
+            gets ``resync_required`` and the snapshot).
+        """
+        cdef Router router = self._router
+        if not self._holding:
+            return
+        if error is not None:
+            router.resumes_refused += 1
+            self._send_connected(False, None)
+            self._send_now({"type": "resync_required",
+                            "reason": f"the gap could not be read back: {error}"})
+            self._send_raw(router._snapshot(self))
+        else:
+            merged = list(events)
+            for topic, partition, offset, value, key, ts_ms in records:
+                if router._decode(value, topic, key, ts_ms, partition, offset,
+                                  False) != DROP_NONE:
+                    continue
+                if router._ev_room != self.assessment_id:
+                    continue
+                merged.append((ts_ms, _pkey(topic, partition), offset,
+                               router._ev_payload))
+            router._ev_payload = None
+            merged = _merge_partitions(merged)
+            router.resumes_kafka += 1
+            self._floor = vector
+            self._send_connected(True, vector)
+            self._write_frames(_replay(vector, merged))
+        self._holding = False
+        self._drain_backlog()
+
+    cdef int _write_frames(self, list payloads) except -1:
+        # Replayed messages go out in one write, before anything live.
+        cdef WSTransport t = self._transport
+        if not payloads or t is None or t.is_disconnected or self._closing:
+            return 0
+        for payload in payloads:
+            frame = make_frame(<bytes>payload)
+            self._buf_append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        try:
+            t._fast_write(self._buf, self._buf_len)
+        finally:
+            self._buf_len = 0
+        self._router.messages_sent += len(payloads)
+        return 0
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         cdef int code = 1006
@@ -389,7 +582,8 @@ cdef class Connection(WSListener):
         if self._paused:
             self._paused = False
             self._router.paused_connections -= 1
-            self._drain_backlog()
+            if not self._holding:
+                self._drain_backlog()
 
     cdef int _on_invalid(self, int reason) except -1:
         cdef double now = self.last_seen
@@ -449,8 +643,8 @@ cdef class Connection(WSListener):
     cdef inline int _enqueue(self, bytes frame, str ckey) except -1:
         if self._closing:
             return 0
-        if self._paused:
-            return self._defer(frame, ckey)
+        if self._paused or self._holding:
+            return self._defer(frame, None if self._holding else ckey)
         self._queued += 1
         if self._buf_len:
             return self._buf_append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
@@ -566,6 +760,40 @@ cdef class Connection(WSListener):
         return 0
 
 
+def _time_then_partition(item):
+    return (item[0], item[1])
+
+
+cdef list _merge_partitions(list items):
+    # Items are (ts_ms, pkey, offset, ...). Each partition keeps its own
+    # (offset) order; across partitions the earlier record time goes first.
+    # Every replica sees each partition's records in the same order, so this
+    # merge gives all of them one interleaving, and with it the same
+    # positions for the same records.
+    cdef dict groups = {}
+    for item in items:
+        found = groups.get((<tuple>item)[1])
+        if found is None:
+            groups[(<tuple>item)[1]] = [item]
+        else:
+            (<list>found).append(item)
+    if len(groups) <= 1:
+        return items
+    return list(heapq.merge(*groups.values(), key=_time_then_partition))
+
+
+cdef list _replay(dict vector, list events):
+    # Each replayed message carries the client's vector advanced by the
+    # messages replayed so far: monotone, and exact whenever it stops.
+    cdef dict running = dict(vector)
+    cdef list out = []
+    cdef int64_t issued = _epoch_ms() // 1000
+    for ts_ms, pkey, offset, payload in events:
+        running[pkey] = offset
+        out.append(_with_pos(<bytes>payload, encode_pos(running, issued)))
+    return out
+
+
 @cython.final
 cdef class Router:
     """Who is connected, in which room (assessment), and what each batch owes them.
@@ -583,6 +811,12 @@ cdef class Router:
         leaves the kernel's autotuning.
     :param require_assessment_claim: a refresh token must carry an
         ``assessments`` claim (as at the handshake).
+    :param resume_buffer_size: assessment messages kept per assessment for
+        resume.
+    :param resume_buffer_max_bytes: all resume buffers together, bytes.
+    :param resume_max_age_ms: oldest position a client may resume from.
+    :param state_max_assessments: assessments whose latest state is kept for
+        the snapshot on connect.
     :param token_verifier: ``verify(token) -> Identity`` for ``refresh``
         messages; raises on a bad token.
     :param on_closed: called as ``on_closed(connection, close_code)`` after a
@@ -593,6 +827,9 @@ cdef class Router:
                   double connection_timeout_ms=60000, int max_invalid_frames=20,
                   int max_messages_per_s=50, Py_ssize_t max_buffer_bytes=1048576,
                   int socket_send_buffer=0, bint require_assessment_claim=False,
+                  int resume_buffer_size=256,
+                  Py_ssize_t resume_buffer_max_bytes=64 * 1024 * 1024,
+                  double resume_max_age_ms=300000, Py_ssize_t state_max_assessments=100000,
                   object token_verifier=None, object on_closed=None):
         self._rooms = {}
         self._conns = []
@@ -609,6 +846,17 @@ cdef class Router:
         self._sndbuf = socket_send_buffer
         self._require_assessment_claim = require_assessment_claim
         self._token_verifier = token_verifier
+        self._live = True
+        self._warm = []
+        self._assessments = {}
+        self._prices = {}
+        self._positions = {}
+        self._pkey_topics = {}
+        self._first_offsets = {}
+        self._buffer_events = resume_buffer_size
+        self._buffer_max_bytes = resume_buffer_max_bytes
+        self._resume_max_age_s = resume_max_age_ms / 1000.0
+        self._state_max = state_max_assessments
         self._next_ping = _monotonic() + self._heartbeat_interval_s
         self._closed_by_code = {}
         self._loop_thread = PyThread_get_thread_ident()
@@ -621,6 +869,30 @@ cdef class Router:
     @on_closed.setter
     def on_closed(self, callback):
         self._on_closed = callback
+
+    @property
+    def live_check(self):
+        """While set and false, records are history (a warm-up read-back):
+        they build state and resume buffers but are pushed to nobody. The
+        first batch for which it returns true makes the router live for good."""
+        return self._live_check
+
+    @live_check.setter
+    def live_check(self, check):
+        self._live_check = check
+        self._live = check is None
+        self._warm = []
+
+    @property
+    def on_readback(self):
+        """``on_readback(connection, ranges, vector, events)``: read the
+        ``(topic, partition, start, end)`` ranges back from Kafka, then call
+        ``connection.finish_resume(records, vector, events, error)``."""
+        return self._on_readback
+
+    @on_readback.setter
+    def on_readback(self, callback):
+        self._on_readback = callback
 
     @property
     def token_verifier(self):
@@ -700,18 +972,39 @@ cdef class Router:
                 "Router.deliver called off the loop thread"
         cdef int reason
         self.batches += 1
+        self._check_live()
+        cdef list records = []
+        for msg in batch:
+            err = msg.error()
+            if err is not None:
+                self._count_drop(DROP_KAFKA_ERROR, msg.topic(), err)
+                continue
+            ts = msg.timestamp()
+            topic = msg.topic()
+            partition = msg.partition()
+            records.append(((<tuple>ts)[1] if (<tuple>ts)[0] else _epoch_ms(),
+                            _pkey(topic, partition), msg.offset(), topic, partition,
+                            msg))
         try:
-            for msg in batch:
-                err = msg.error()
-                if err is not None:
-                    self._count_drop(DROP_KAFKA_ERROR, msg.topic(), err)
+            for ts_ms, pkey, offset, topic, partition, msg in _merge_partitions(records):
+                self._positions[pkey] = offset + 1
+                if pkey not in self._first_offsets:
+                    self._first_offsets[pkey] = offset
+                    self._pkey_topics[pkey] = (topic, partition)
+                if not self._live:
+                    # History read back at start: kept, then replayed in
+                    # record-time order, so positions come out as a live
+                    # replica computed them, not in per-partition chunks.
+                    self._warm.append((ts_ms, pkey, offset, topic, partition,
+                                       msg.value(), msg.key()))
+                    if len(self._warm) >= 500_000:
+                        self._process_warm()
                     continue
-                ts = msg.timestamp()
-                reason = self._decode(msg.value(), msg.topic(), msg.key(),
-                                      (<tuple>ts)[1] if (<tuple>ts)[0] else _epoch_ms())
+                reason = self._decode(msg.value(), topic, msg.key(), ts_ms,
+                                      partition, offset, True)
                 self.kafka_processed += 1
                 if reason != DROP_NONE:
-                    self._count_drop(reason, msg.topic(), msg.value())
+                    self._count_drop(reason, topic, msg.value())
                     continue
                 self._fan_out()
         finally:
@@ -745,14 +1038,16 @@ cdef class Router:
         :return: ``(type, assessment_id or None, payload bytes)``
         :raises ValueError: with the drop reason as its message.
         """
-        cdef int reason = self._decode(value, topic, key, <int64_t>timestamp_ms)
+        cdef int reason = self._decode(value, topic, key, <int64_t>timestamp_ms,
+                                       0, -1, False)
         if reason != DROP_NONE:
             raise ValueError(_DROP_REASONS[reason])
         payload = self._ev_payload
         self._ev_payload = None
         return _KIND_NAMES[self._ev_kind], self._ev_room, payload
 
-    cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms) except -1:
+    cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms,
+                     int partition=0, int64_t offset=-1, bint track=True) except -1:
         cdef dict event
         cdef dict out
         cdef int kind
@@ -810,8 +1105,187 @@ cdef class Router:
             self._ev_ckey = None
         self._ev_kind = kind
         self._ev_room = room
+        self._ev_offset = offset
+        self._ev_pkey = _pkey(topic, partition) if offset >= 0 else -1
+        cdef _AssessmentState st = None
+        if track and offset >= 0 and room is not None:
+            # The position is the assessment's vector after this record; it
+            # goes last so that replays can re-position by splicing.
+            st = self._state(room)
+            st.vector[self._ev_pkey] = offset
+            out["pos"] = encode_pos(st.vector, ts_ms // 1000 if ts_ms > 0 else 0)
         self._ev_payload = _dumps(out)
+        if track and offset >= 0:
+            if st is not None:
+                self._remember(st, event, ts_ms)
+            elif kind == KIND_MARKET_PRICE:
+                market = str(event.get("market"))
+                if market in self._prices or len(self._prices) < 10_000:
+                    self._prices[market] = self._ev_payload
         return DROP_NONE
+
+    cdef _AssessmentState _state(self, str room):
+        # Least recently updated first: touching an assessment moves it to the
+        # end, and the first one is evicted when there are too many.
+        cdef _AssessmentState st
+        found = self._assessments.pop(room, None)
+        if found is None:
+            st = _AssessmentState()
+            if len(self._assessments) >= self._state_max:
+                oldest = next(iter(self._assessments))
+                gone = <_AssessmentState>self._assessments.pop(oldest)
+                self.buffer_bytes -= gone.nbytes
+                self.buffer_entries -= len(gone.buffer)
+                self.state_evictions += 1
+        else:
+            st = <_AssessmentState>found
+        self._assessments[room] = st
+        return st
+
+    cdef int _remember(self, _AssessmentState st, dict event, int64_t ts_ms) except -1:
+        cdef bytes payload = self._ev_payload
+        cdef int kind = self._ev_kind
+        if kind == KIND_PNL_UPDATE:
+            st.pnl = payload
+        elif kind == KIND_RULE_STATUS:
+            st.rules[str(event.get("rule"))] = payload
+        elif kind == KIND_ASSESSMENT_UPDATE:
+            st.status = payload
+        elif kind == KIND_POSITION_UPDATE:
+            pid = event.get("positionId", event.get("position_id"))
+            if pid is not None:
+                qty = event.get("quantity")
+                if qty == 0 or qty == "0" or qty == "0.0":
+                    st.positions.pop(str(pid), None)
+                else:
+                    st.positions[str(pid)] = payload
+        if self._buffer_events > 0:
+            st.buffer.append((ts_ms, self._ev_pkey, self._ev_offset, payload,
+                              _monotonic()))
+            st.nbytes += PyBytes_GET_SIZE(payload)
+            self.buffer_bytes += PyBytes_GET_SIZE(payload)
+            self.buffer_entries += 1
+            self._trim(st)
+        return 0
+
+    cdef int _trim(self, _AssessmentState st) except -1:
+        cdef double now = _monotonic()
+        cdef tuple item
+        buffer = st.buffer
+        while buffer and (len(buffer) > self._buffer_events or
+                          now - (<tuple>buffer[0])[4] > self._resume_max_age_s):
+            item = <tuple>buffer.popleft()
+            self._evict(st, item)
+        if self.buffer_bytes > self._buffer_max_bytes:
+            # Over the global cap: the least recently active assessments give
+            # up their oldest messages first.
+            for other in self._assessments.values():
+                while (<_AssessmentState>other).buffer and \
+                        self.buffer_bytes > self._buffer_max_bytes:
+                    self._evict(<_AssessmentState>other,
+                                <tuple>(<_AssessmentState>other).buffer.popleft())
+                if self.buffer_bytes <= self._buffer_max_bytes:
+                    break
+        return 0
+
+    cdef int _evict(self, _AssessmentState st, tuple item) except -1:
+        pkey = item[1]
+        offset = item[2]
+        if offset > st.evicted.get(pkey, -1):
+            st.evicted[pkey] = offset
+        size = len(<bytes>item[3])
+        st.nbytes -= size
+        self.buffer_bytes -= size
+        self.buffer_entries -= 1
+        self.buffer_evictions += 1
+        return 0
+
+    cdef bytes _snapshot(self, Connection conn):
+        """The ``snapshot`` message for ``conn``: latest price per market and,
+        for its assessment, P&L, rules, status and open positions."""
+        cdef list parts = [
+            b'{"type":"snapshot","timestamp":"',
+            iso_utc(_epoch_ms()).encode("ascii"),
+            b'","marketPrices":[',
+            b",".join(self._prices.values()),
+            b"]",
+        ]
+        cdef _AssessmentState st = None
+        if conn.assessment_id is not None:
+            found = self._assessments.get(conn.assessment_id)
+            if found is not None:
+                st = <_AssessmentState>found
+        if st is None:
+            parts.append(b',"pnl":null,"rules":[],"assessment":null,"positions":[]')
+        else:
+            parts += [
+                b',"pnl":', st.pnl if st.pnl is not None else b"null",
+                b',"rules":[', b",".join(st.rules.values()),
+                b'],"assessment":', st.status if st.status is not None else b"null",
+                b',"positions":[', b",".join(st.positions.values()), b"]",
+            ]
+        if conn.assessment_id is not None:
+            vector = {} if st is None else st.vector
+            parts += [b',"pos":"', encode_pos(vector, _epoch_ms() // 1000).encode(), b'"']
+        parts.append(b"}")
+        return b"".join(parts)
+
+    cdef object _plan_resume(self, Connection conn):
+        # A refusal reason (str), or (vector, memory events, Kafka ranges).
+        try:
+            issued, vector = decode_pos(conn._since)
+        except ValueError as exc:
+            return f"malformed position: {exc}"
+        if _epoch_ms() / 1000.0 - issued > self._resume_max_age_s:
+            return "position older than RESUME_MAX_AGE"
+        found = self._assessments.get(conn.assessment_id)
+        cdef _AssessmentState st = <_AssessmentState>found if found is not None else None
+        cdef set from_kafka = set()
+        cdef list events = []
+        cdef list ranges = []
+        if st is not None:
+            for pkey, upto in st.evicted.items():
+                if upto > vector.get(pkey, -1):
+                    from_kafka.add(pkey)
+        for pkey, seen in vector.items():
+            first = self._first_offsets.get(pkey)
+            if first is not None and seen + 1 < first:
+                from_kafka.add(pkey)  # from before this replica started reading
+        if st is not None:
+            for item in st.buffer:
+                pkey = (<tuple>item)[1]
+                if pkey in from_kafka:
+                    continue
+                if (<tuple>item)[2] > vector.get(pkey, -1):
+                    events.append(((<tuple>item)[0], pkey, (<tuple>item)[2],
+                                   (<tuple>item)[3]))
+        for pkey in from_kafka:
+            where = self._pkey_topics.get(pkey)
+            if where is None:
+                continue
+            start = vector.get(pkey, -1) + 1
+            end = self._positions.get(pkey, start)
+            if end > start:
+                ranges.append((where[0], where[1], start, end))
+        return vector, events, ranges
+
+    cdef int _check_live(self) except -1:
+        if not self._live and (self._live_check is None or self._live_check()):
+            self._process_warm()
+            self._live = True
+        return 0
+
+    cdef int _process_warm(self) except -1:
+        cdef list warm = self._warm
+        cdef int reason
+        self._warm = []
+        for ts_ms, pkey, offset, topic, partition, value, key in _merge_partitions(warm):
+            reason = self._decode(value, topic, key, ts_ms, partition, offset, True)
+            self.kafka_processed += 1
+            if reason != DROP_NONE:
+                self._count_drop(reason, topic, value)
+        self._ev_payload = None
+        return 0
 
     cdef int _fan_out(self) except -1:
         cdef bytes frame
@@ -827,8 +1301,13 @@ cdef class Router:
             return 0
         frame = make_frame(self._ev_payload)
         ckey = self._ev_ckey
+        cdef Connection target
         for conn in targets:
-            (<Connection>conn)._enqueue(frame, ckey)
+            target = <Connection>conn
+            if target._floor is not None and self._ev_pkey >= 0 and \
+                    self._ev_offset <= target._floor.get(self._ev_pkey, -1):
+                continue  # resumed past this on another replica
+            target._enqueue(frame, ckey)
         return 0
 
     cdef int _flush(self) except -1:
@@ -881,6 +1360,7 @@ cdef class Router:
         cdef double now = _monotonic()
         cdef double wall = _epoch_s()
         cdef bint ping = now >= self._next_ping
+        self._check_live()
         cdef bytes frame = None
         cdef Connection conn
         if ping:
@@ -928,6 +1408,13 @@ cdef class Router:
             "token_expiry_closes": self.token_expiry_closes,
             "refreshes": self.refreshes,
             "paused_connections": self.paused_connections,
+            "resume_buffer_entries": self.buffer_entries,
+            "resume_buffer_bytes": self.buffer_bytes,
+            "resume_buffer_evictions": self.buffer_evictions,
+            "state_assessments": len(self._assessments),
+            "state_evictions": self.state_evictions,
+            "resumes": {"memory": self.resumes_memory, "kafka": self.resumes_kafka,
+                        "refused": self.resumes_refused},
             "dropped": {_DROP_REASONS[i]: self._dropped[i] for i in range(1, DROP_COUNT)},
             "ignored": {_IGNORED_REASONS[i]: self._ignored[i]
                         for i in range(IGNORED_COUNT)},

@@ -56,6 +56,10 @@ class Settings:
     :param kafka_unavailable_grace_ms: how long the brokers may be unreachable
         before ``/ready`` turns 503 (``KAFKA_UNAVAILABLE_GRACE``, milliseconds,
         default 10000).
+    :param snapshot_warmup_ms: on start, partitions are read back from this
+        far in the past (by record timestamp) to build state, and ``/ready``
+        waits until that window is read (``SNAPSHOT_WARMUP``, milliseconds,
+        default 300000; 0 starts at the latest offset).
     :param shutdown_timeout_ms: after SIGTERM/SIGINT the process exits within
         this (``SHUTDOWN_TIMEOUT``, milliseconds, default 15000).
     :param shutdown_drain_ms: window over which clients are closed with 1001,
@@ -102,6 +106,7 @@ class Settings:
     handshake_timeout_ms: int = 5_000
     listen_backlog: int = 4_096
     kafka_unavailable_grace_ms: int = 10_000
+    snapshot_warmup_ms: int = 300_000
     shutdown_timeout_ms: int = 15_000
     shutdown_drain_ms: int = 5_000
     allowed_origins: tuple[str, ...] = ()
@@ -111,6 +116,10 @@ class Settings:
     max_client_messages_per_s: int = 50
     max_connection_buffer_bytes: int = 1_048_576
     socket_send_buffer_bytes: int = 0
+    resume_buffer_size: int = 256
+    resume_buffer_max_bytes: int = 64 * 1024 * 1024
+    resume_max_age_ms: int = 300_000
+    state_max_assessments: int = 100_000
     serve_dashboard: bool = False
 
     @classmethod
@@ -253,6 +262,7 @@ _ENV_NAMES = {
     "handshake_timeout_ms": "HANDSHAKE_TIMEOUT",
     "listen_backlog": "LISTEN_BACKLOG",
     "kafka_unavailable_grace_ms": "KAFKA_UNAVAILABLE_GRACE",
+    "snapshot_warmup_ms": "SNAPSHOT_WARMUP",
     "shutdown_timeout_ms": "SHUTDOWN_TIMEOUT",
     "shutdown_drain_ms": "SHUTDOWN_DRAIN",
     "allowed_origins": "ALLOWED_ORIGINS",
@@ -262,6 +272,10 @@ _ENV_NAMES = {
     "max_client_messages_per_s": "MAX_CLIENT_MESSAGES_PER_SEC",
     "max_connection_buffer_bytes": "MAX_CONNECTION_BUFFER",
     "socket_send_buffer_bytes": "SOCKET_SEND_BUFFER",
+    "resume_buffer_size": "RESUME_BUFFER_SIZE",
+    "resume_buffer_max_bytes": "RESUME_BUFFER_MAX_BYTES",
+    "resume_max_age_ms": "RESUME_MAX_AGE",
+    "state_max_assessments": "STATE_MAX_ASSESSMENTS",
     "serve_dashboard": "SERVE_DASHBOARD",
 }
 
@@ -282,6 +296,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "handshake_timeout_ms": _int_in(100),
     "listen_backlog": _int_in(1, 65535),
     "kafka_unavailable_grace_ms": _int_in(0),
+    "snapshot_warmup_ms": _int_in(0),
     "shutdown_timeout_ms": _int_in(100),
     "shutdown_drain_ms": _int_in(0),
     "allowed_origins": _origins,
@@ -291,6 +306,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_client_messages_per_s": _int_in(1),
     "max_connection_buffer_bytes": _int_in(4096),
     "socket_send_buffer_bytes": _int_in(0, 64 * 1024 * 1024),
+    "resume_buffer_size": _int_in(0, 1_000_000),
+    "resume_buffer_max_bytes": _int_in(0),
+    "resume_max_age_ms": _int_in(0),
+    "state_max_assessments": _int_in(1),
     "serve_dashboard": _bool,
 }
 

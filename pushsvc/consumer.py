@@ -9,8 +9,13 @@ use for a stored offset (a restarted replica starts at the live edge).
 So the thread lists the topics, assigns every partition of every matching topic
 itself, and re-reads the metadata every ``KAFKA_TOPIC_REFRESH_INTERVAL`` ms to
 pick up topics and partitions created later. Partitions present at start are
-read from their latest offset; partitions that appear afterwards are read from
-their beginning, since everything in them was produced after we started.
+read from their latest offset, or, with ``SNAPSHOT_WARMUP`` > 0, from the first
+offset of that window (warm-up: the records go through ``on_batch`` like any
+other, so the router builds its state from them, and :attr:`ready` waits until
+every such partition reached the end it had at start); partitions that appear
+afterwards are read from their beginning, since everything in them was produced
+after we started. Only the first assignment warms up: a rebuilt consumer
+resumes where the last one was.
 
 Latency: ``consume(n, timeout)`` waits out its whole timeout unless n records
 arrive, so the thread blocks in ``poll()`` for the first record only and then
@@ -185,6 +190,12 @@ class KafkaConsumerThread:
         # OFFSET_BEGINNING): where to resume when nothing was read from it yet.
         self._assigned: dict[tuple[str, int], int] = {}
         self._started_at_live_edge = False
+        self._warmup_ms = settings.snapshot_warmup_ms
+        # Warm-up: (topic, partition) -> its high watermark at start, for the
+        # partitions not yet read up to it. Kept across a rebuilt consumer
+        # (which resumes where the last one was); empty once warm.
+        self._warming: dict[tuple[str, int], int] = {}
+        self._warmup_began = 0.0
         self._resume_at: dict[tuple[str, int], int] = {}
         self._topic_ids: dict[str, str] = {}
         self._vanished: set[str] = set()
@@ -279,9 +290,10 @@ class KafkaConsumerThread:
 
     @property
     def ready(self) -> bool:
-        """True while every matching partition is assigned at a known offset
-        and the brokers have not been unreachable for longer than the grace."""
-        if not (self._ready and self.alive and self._failed is None):
+        """True while every matching partition is assigned at a known offset,
+        the warm-up window has been read, and the brokers have not been
+        unreachable for longer than the grace."""
+        if not (self._ready and self.alive and self._failed is None) or self._warming:
             return False
         down = self._down_since
         return down is None or time.monotonic() - down < self._grace_s
@@ -295,6 +307,11 @@ class KafkaConsumerThread:
         down = self._down_since
         if down is not None:
             return f"kafka brokers unreachable for {time.monotonic() - down:.1f}s"
+        if self._ready and self._warming:
+            return (
+                f"warming up: reading back the last {self._warmup_ms} ms "
+                f"({len(self._warming)} partition(s) to go)"
+            )
         return "kafka partitions not assigned yet"
 
     @property
@@ -390,6 +407,8 @@ class KafkaConsumerThread:
                 self.batches += 1
                 self.records += len(batch)
                 self._on_batch(batch)
+                if self._warming:
+                    self._check_warmup(consumer)
         finally:
             self._ready = False
             self._consumer = None
@@ -515,6 +534,7 @@ class KafkaConsumerThread:
             consumer.incremental_unassign(dropped)
             for key in stale:
                 del self._assigned[key]
+                self._warming.pop(key, None)
                 if key[0] not in reborn:
                     # Vanished: resume here if it comes back as the same topic.
                     self._resume_at[key] = positions[key]
@@ -562,18 +582,28 @@ class KafkaConsumerThread:
                 latest.append(TopicPartition(name, partition, OFFSET_END))
             else:
                 partitions.append(TopicPartition(name, partition, OFFSET_BEGINNING))
+        warming: dict[tuple[str, int], int] = {}
         if latest:
             # An explicit offset, resolved now, rather than OFFSET_END:
             # readiness then means "everything produced from here on is
             # delivered", with no window while librdkafka resolves it. One
             # ListOffsets per leader (a timestamp of OFFSET_END asks for the
             # end), not a round trip per partition.
-            for tp in consumer.offsets_for_times(latest, timeout=_METADATA_TIMEOUT_S):
+            ends = consumer.offsets_for_times(latest, timeout=_METADATA_TIMEOUT_S)
+            starts = self._warmup_starts(consumer, ends)
+            for tp in ends:
+                key = (tp.topic, tp.partition)
                 offset = (
                     tp.offset if tp.error is None and tp.offset >= 0 else OFFSET_END
                 )
-                partitions.append(TopicPartition(tp.topic, tp.partition, offset))
+                start = starts.get(key, offset)
+                if start != offset:
+                    warming[key] = offset
+                partitions.append(TopicPartition(tp.topic, tp.partition, start))
         consumer.incremental_assign(partitions)
+        if warming:
+            self._warmup_began = time.monotonic()
+            self._warming.update(warming)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._resume_at.pop(key, None)
@@ -585,10 +615,76 @@ class KafkaConsumerThread:
             len(partitions),
             resumed,
             len(partitions) - resumed,
-            "latest offset" if at_start else "beginning",
+            (
+                f"warm-up window of {self._warmup_ms} ms "
+                f"({len(warming)} with records to read back)"
+                if warming
+                else "latest offset"
+            )
+            if at_start
+            else "beginning",
             f"; re-created topics: {', '.join(sorted(reborn))}" if reborn else "",
             ", ".join(f"{t}[{p}]" for t, p in new),
         )
+
+    def _warmup_starts(
+        self, consumer: Consumer, ends: list[TopicPartition]
+    ) -> dict[tuple[str, int], int]:
+        """Where the warm-up starts, for each partition whose end (high
+        watermark) is known: the first offset whose record is at most
+        ``SNAPSHOT_WARMUP`` ms old, else its end (nothing that new).
+
+        Tansu (the embedded broker of the demo and the tests) accepts a
+        timestamp ListOffsets but answers its log start for any timestamp,
+        even one in the future: there the warm-up reads the whole log, which
+        is short since Tansu keeps it in memory. A partition the brokers
+        answer with an error is read from its beginning for the same reason.
+        Raises KafkaException if the brokers do not answer (the probe fails
+        and the assignment is retried).
+        """
+        if self._warmup_ms <= 0:
+            return {}
+        known = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in ends
+            if tp.error is None and tp.offset > 0
+        }
+        if not known:
+            return {}
+        since_ms = int(time.time() * 1000) - self._warmup_ms
+        query = [TopicPartition(t, p, since_ms) for t, p in known]
+        starts: dict[tuple[str, int], int] = {}
+        for tp in consumer.offsets_for_times(query, timeout=_METADATA_TIMEOUT_S):
+            key = (tp.topic, tp.partition)
+            end = known[key]
+            if tp.error is not None:
+                starts[key] = OFFSET_BEGINNING
+            elif tp.offset < 0:  # OFFSET_END: no record that new
+                starts[key] = end
+            else:
+                starts[key] = min(tp.offset, end)
+        return starts
+
+    def _check_warmup(self, consumer: Consumer) -> None:
+        """Drop the partitions whose position reached their end at start from
+        the warm-up; log once it is over (consumer thread only)."""
+        try:
+            positions = consumer.position(
+                [TopicPartition(t, p) for t, p in sorted(self._warming)]
+            )
+        except (KafkaException, RuntimeError):
+            return
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            end = self._warming.get(key)
+            if end is not None and tp.offset >= end:
+                del self._warming[key]
+        if not self._warming:
+            log.info(
+                "warm-up done: the last %d ms read back in %.2fs",
+                self._warmup_ms,
+                time.monotonic() - self._warmup_began,
+            )
 
     def _describe(self, admin: AdminClient, names: list[str]) -> dict[str, str]:
         """Topic ids by name (topics without one, or brokers without topic

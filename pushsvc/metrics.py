@@ -120,6 +120,36 @@ _ROUTER_SCALARS: tuple[
         "refreshes",
     ),
     (
+        GaugeMetricFamily,
+        "websocket_resume_buffer_entries",
+        "Assessment messages held in memory for resume.",
+        "resume_buffer_entries",
+    ),
+    (
+        GaugeMetricFamily,
+        "websocket_resume_buffer_bytes",
+        "Bytes of assessment messages held in memory for resume.",
+        "resume_buffer_bytes",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_resume_buffer_evictions_total",
+        "Messages dropped from the resume buffers (count, age or byte limits).",
+        "resume_buffer_evictions",
+    ),
+    (
+        GaugeMetricFamily,
+        "websocket_state_assessments",
+        "Assessments whose latest state is kept for the snapshot on connect.",
+        "state_assessments",
+    ),
+    (
+        CounterMetricFamily,
+        "websocket_state_evictions_total",
+        "Assessments whose state was dropped (STATE_MAX_ASSESSMENTS).",
+        "state_evictions",
+    ),
+    (
         CounterMetricFamily,
         "websocket_router_batches_total",
         "Batches routed (each flushed with at most one write per connection).",
@@ -143,6 +173,15 @@ class _ServiceCollector(Collector):
         stats = self._router.stats()
         for family, name, documentation, key in _ROUTER_SCALARS:
             yield family(name, documentation, value=stats[key])
+        resumes = CounterMetricFamily(
+            "websocket_resumes_total",
+            "Reconnects with since=<pos>: served from memory, read back from "
+            "Kafka, or refused (resync_required).",
+            labels=["source"],
+        )
+        for source, count in stats["resumes"].items():
+            resumes.add_metric([source], count)
+        yield resumes
         dropped = CounterMetricFamily(
             "websocket_kafka_events_dropped_total",
             "Kafka records dropped without reaching a client, by reason.",

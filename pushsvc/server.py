@@ -40,6 +40,7 @@ from .config import Settings
 from .consumer import KafkaConsumerThread
 from .errors import AuthError
 from .metrics import CONTENT_TYPE, Metrics
+from .readback import read_back
 
 log = logging.getLogger("pushsvc.server")
 
@@ -136,6 +137,10 @@ class PushServer:
             max_buffer_bytes=settings.max_connection_buffer_bytes,
             socket_send_buffer=settings.socket_send_buffer_bytes,
             require_assessment_claim=settings.require_assessment_claim,
+            resume_buffer_size=settings.resume_buffer_size,
+            resume_buffer_max_bytes=settings.resume_buffer_max_bytes,
+            resume_max_age_ms=settings.resume_max_age_ms,
+            state_max_assessments=settings.state_max_assessments,
         )
         self._consume = consume
         self.handoff: BatchHandoff | None = None
@@ -146,6 +151,7 @@ class PushServer:
         # Per-connection debug lines cost one branch when DEBUG is off.
         self._log_debug = log.isEnabledFor(logging.DEBUG)
         self.router.token_verifier = self._verifier.verify
+        self.router.on_readback = self._read_back
         self._server: asyncio.Server | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -192,6 +198,12 @@ class PushServer:
         if self._consume:
             self.handoff = BatchHandoff(self.router, loop)
             self.consumer = KafkaConsumerThread(settings, self.handoff.push)
+            if settings.snapshot_warmup_ms > 0:
+                # Records read back at start build state and resume buffers;
+                # they are history, so nobody is pushed them as live.
+                self.router.live_check = lambda: (
+                    self.consumer is not None and (self.consumer.ready)
+                )
         self.metrics = Metrics(self.router, self.consumer, self.handoff)
         self.metrics.registry.register(_RefusalCollector(self.refusals))
         self.router.on_closed = self._on_connection_closed
@@ -345,6 +357,30 @@ class PushServer:
         except Exception:
             log.debug("closing a connection failed", exc_info=True)
 
+    def _read_back(
+        self,
+        connection: Connection,
+        ranges: list[tuple[str, int, int, int]],
+        vector: dict[int, int],
+        events: list[Any],
+    ) -> None:
+        """Router callback: a resume needs records the memory buffer no longer
+        holds. Read them in a worker thread; the connection holds its live
+        frames meanwhile."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, read_back, self.settings, ranges)
+
+        def done(result: asyncio.Future[Any]) -> None:
+            try:
+                records = result.result()
+            except Exception as exc:  # any failure: resync, never a stall
+                log.warning("resume read-back failed: %s", exc)
+                connection.finish_resume([], vector, events, str(exc) or "error")
+                return
+            connection.finish_resume(records, vector, events)
+
+        future.add_done_callback(done)
+
     def _on_connection_closed(self, connection: Connection, code: int) -> None:
         """Router callback after a connection is gone: metrics, per-user count."""
         if self._log_debug:
@@ -491,11 +527,13 @@ class PushServer:
                 "too_many_connections",
                 f"at most {limit} connections per user",
             )
+        since = params.get("since")
         connection = Connection(
             self.router,
             user,
             assessment,
             expires_at=identity.expires_at or 0.0,
+            since=since[0] if since else None,
         )
         # Counted now, not when connected: the next handshake, even in the
         # same read, must see this one. _confirm_upgrade undoes it if picows

@@ -647,6 +647,7 @@ class PushClient:
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
         self.ws = ws
         self.hello = hello
+        self.snapshot: dict[str, Any] | None = None
         self.received: list[dict[str, Any]] = []
 
     async def recv_json(self, timeout: float = TIMEOUT) -> dict[str, Any]:
@@ -765,11 +766,19 @@ async def open_client(
         assert isinstance(raw, str), f"first frame not text: {raw!r:.200}"
         hello = json.loads(raw)
         assert isinstance(hello, dict) and hello.get("type") == "connected", hello
+        snapshot = None
+        if hello.get("resumed") is False:
+            # A connection that did not resume gets the current state next.
+            raw = await asyncio.wait_for(ws.recv(), TIMEOUT)
+            snapshot = json.loads(raw)
+            assert snapshot.get("type") == "snapshot", snapshot
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), TIMEOUT)
         raise
-    return PushClient(ws, hello)
+    client = PushClient(ws, hello)
+    client.snapshot = snapshot
+    return client
 
 
 @contextlib.asynccontextmanager

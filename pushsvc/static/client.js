@@ -297,6 +297,19 @@ export class PushClient {
     }
     this._emit("message", msg);
     if (typeof msg.type === "string") this._emit(msg.type, msg);
+    if (msg.type === "snapshot") {
+      // The state on connect, as the typed events a page already handles.
+      const items = [
+        ...(msg.marketPrices ?? []),
+        msg.pnl,
+        ...(msg.rules ?? []),
+        msg.assessment,
+        ...(msg.positions ?? []),
+      ];
+      for (const item of items) {
+        if (item && typeof item.type === "string") this._emit(item.type, item);
+      }
+    }
   }
 
   _onClose(ws, code, reason) {

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -40,6 +41,7 @@ from utils import (
     make_token,
     produce,
     uid,
+    ws_connect,
 )
 
 DOC_PATH = REPO_ROOT / "docs" / "asyncapi.yaml"
@@ -216,6 +218,8 @@ def test_document_covers_the_protocol() -> None:
         "pong",
         "refreshed",
         "refresh_failed",
+        "snapshot",
+        "resync_required",
         *TOPIC_TYPES.values(),
     }
     assert set(CLIENT_MESSAGES) == {"ping", "pong", "refresh"}
@@ -359,9 +363,13 @@ async def test_every_server_message_validates(server: Server, broker: Broker) ->
             check(CLIENT_MESSAGES[message["type"]], message)
             await c.ws.send(json.dumps(message))
 
+        seen["snapshot"] = [c.snapshot]
+        # resync_required needs a position that cannot be served: seen below.
+        expected_here = set(SERVER_MESSAGES) - {"resync_required"}
+
         def complete() -> bool:
             routed = sum(len(seen.get(t, [])) for t in TOPIC_TYPES.values())
-            return set(SERVER_MESSAGES) <= set(seen) and routed >= 2 * len(events)
+            return expected_here <= set(seen) and routed >= 2 * len(events)
 
         for _ in range(10_000):
             if complete():
@@ -373,6 +381,21 @@ async def test_every_server_message_validates(server: Server, broker: Broker) ->
 
     async with client(server, uid("u")) as c:  # no assessmentId
         seen["connected"].append(c.hello)
+        seen["snapshot"].append(c.snapshot)
+
+    # A position that cannot be served: resync_required, then the snapshot.
+    url = server.ws_url(make_token(uid("u")), assessment) + "&since=not-a-position"
+    ws = await ws_connect(url)
+    try:
+        for _ in range(3):
+            msg = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            if msg.get("type") == "connected":
+                check(SERVER_MESSAGES["connected"], msg)
+                assert msg["resumed"] is False
+            else:
+                seen.setdefault(str(msg.get("type")), []).append(msg)
+    finally:
+        await ws.close()
 
     unknown = set(seen) - set(SERVER_MESSAGES)
     assert not unknown, f"messages the document does not describe: {unknown}"

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +20,23 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """An environment with no pushsvc variable but JWT_SECRET; tests add more
-    through the returned dict, which main() sees as os.environ."""
+    through the returned dict, which main() sees as os.environ. Whatever a
+    test adds is taken back afterwards (a leaked MAX_CONNECTIONS=0 once broke
+    every server started later in the same run)."""
     for name in env_names():
         monkeypatch.delenv(name, raising=False)
     for name in list(os.environ):
         if name.startswith(("KAFKA_", "MAX_", "SHUTDOWN_")):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("JWT_SECRET", SECRET)
-    return os.environ  # type: ignore[return-value]
+    saved = dict(os.environ)
+    try:
+        yield os.environ  # type: ignore[misc]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

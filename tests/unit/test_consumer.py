@@ -26,11 +26,12 @@ from pushsvc.consumer import CLOSED, HALF_OPEN, OPEN, KafkaConsumerThread
 SECRET = "x" * 32
 
 
-def make(grace_ms: int = 1000) -> KafkaConsumerThread:
+def make(grace_ms: int = 1000, warmup_ms: int = 300_000) -> KafkaConsumerThread:
     settings = Settings(
         jwt_secret=SECRET,
         kafka_brokers="127.0.0.1:9",
         kafka_unavailable_grace_ms=grace_ms,
+        snapshot_warmup_ms=warmup_ms,
     )
     return KafkaConsumerThread(settings, lambda batch: None)
 
@@ -188,6 +189,21 @@ class FakeCluster:
     errored: set[str] = field(default_factory=set)
     down: bool = False
     ids_supported: bool = True
+    # Timestamp ListOffsets: topic -> the offset answered (default -1, "no
+    # record that new", as a real broker answers for an idle partition), or
+    # topics answered with an error.
+    by_time: dict[str, int] = field(default_factory=dict)
+    by_time_errors: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Answer:
+    """A ListOffsets answer with an error (TopicPartition.error is read-only)."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: KafkaError | None = None
 
 
 class FakeConsumer:
@@ -196,6 +212,7 @@ class FakeConsumer:
         self.assigned: dict[tuple[str, int], int] = {}
         self.consumed: dict[tuple[str, int], int] = {}
         self.paused: set[tuple[str, int]] = set()
+        self.time_queries: list[int] = []
 
     def _check(self) -> None:
         if self.cluster.down:
@@ -218,10 +235,23 @@ class FakeConsumer:
         self, partitions: list[TopicPartition], timeout: float
     ) -> list[TopicPartition]:
         self._check()
-        return [
-            TopicPartition(tp.topic, tp.partition, self.cluster.topics[tp.topic][2])
-            for tp in partitions
-        ]
+        out = []
+        for tp in partitions:
+            if tp.offset < 0:  # OFFSET_END: the high watermark
+                out.append(
+                    TopicPartition(
+                        tp.topic, tp.partition, self.cluster.topics[tp.topic][2]
+                    )
+                )
+                continue
+            self.time_queries.append(tp.offset)  # a timestamp
+            if tp.topic in self.cluster.by_time_errors:
+                error = KafkaError(KafkaError.UNSUPPORTED_VERSION)
+                out.append(Answer(tp.topic, tp.partition, -1, error))  # type: ignore[arg-type]
+            else:
+                offset = self.cluster.by_time.get(tp.topic, -1)
+                out.append(TopicPartition(tp.topic, tp.partition, offset))
+        return out
 
     def incremental_assign(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -426,3 +456,169 @@ def test_error_events_only_bring_a_probe_forward() -> None:
     assert c.breaker == CLOSED
     c._on_error(KafkaError(KafkaError._TRANSPORT))
     assert c._suspect
+
+
+# -- warm-up (SNAPSHOT_WARMUP) ---------------------------------------------------
+
+
+def started(c: KafkaConsumerThread) -> FakeRun:
+    """A live (fake) thread, so readiness depends on the bookkeeping only."""
+    run = FakeRun(deaths=0)
+    c._run = run  # type: ignore[method-assign]
+    c.start()
+    return run
+
+
+def test_warmup_starts_at_the_window_and_is_ready_once_read(cluster) -> None:
+    c = make(warmup_ms=60_000)
+    consumer, admin = FakeConsumer(cluster), FakeAdmin(cluster)
+    cluster.by_time["trading.pnl"] = 4  # first record of the last minute
+    run = started(c)
+    try:
+        before = int(time.time() * 1000)
+        assert c._probe(consumer, admin)  # type: ignore[arg-type]
+        after = int(time.time() * 1000)
+        # One timestamp query per partition with records, at now - window.
+        assert len(consumer.time_queries) == 3
+        assert all(
+            before - 60_000 <= ts <= after - 60_000 for ts in consumer.time_queries
+        )
+        assert consumer.assigned == {
+            ("trading.pnl", 0): 4,
+            ("trading.pnl", 1): 4,
+            ("market-data.prices", 0): 5,  # nothing that new: at its end
+        }
+        assert c._ready and not c.ready
+        assert c.not_ready_reason() == (
+            "warming up: reading back the last 60000 ms (2 partition(s) to go)"
+        )
+        consumer.consumed[("trading.pnl", 0)] = 10
+        consumer.consumed[("trading.pnl", 1)] = 9
+        c._check_warmup(consumer)  # type: ignore[arg-type]
+        assert not c.ready
+        assert "1 partition(s) to go" in c.not_ready_reason()
+        consumer.consumed[("trading.pnl", 1)] = 10
+        c._check_warmup(consumer)  # type: ignore[arg-type]
+        assert c.ready
+    finally:
+        run.release.set()
+        c.stop(2)
+
+
+def test_warmup_off_starts_at_the_latest_offset_as_before(cluster) -> None:
+    c = make(warmup_ms=0)
+    consumer, admin = FakeConsumer(cluster), FakeAdmin(cluster)
+    cluster.by_time["trading.pnl"] = 4
+    run = started(c)
+    try:
+        assert c._probe(consumer, admin)  # type: ignore[arg-type]
+        assert consumer.time_queries == []
+        assert consumer.assigned == {
+            ("trading.pnl", 0): 10,
+            ("trading.pnl", 1): 10,
+            ("market-data.prices", 0): 5,
+        }
+        assert c.ready
+    finally:
+        run.release.set()
+        c.stop(2)
+
+
+def test_warmup_with_nothing_in_the_window_is_ready_at_once(kafka) -> None:
+    c, consumer, _ = kafka
+    run = started(c)
+    try:
+        assert probe(kafka)
+        assert consumer.assigned[("trading.pnl", 0)] == 10
+        assert c.ready
+    finally:
+        run.release.set()
+        c.stop(2)
+
+
+def test_warmup_skips_empty_partitions_and_reads_from_the_beginning_on_error(
+    cluster,
+) -> None:
+    """A partition without records asks nothing; one whose timestamp lookup
+    fails is read back from its beginning (the log of a memory-only broker is
+    short), never from a guess."""
+    cluster.topics["risk.violations"] = (1, 3, 0)  # empty
+    cluster.by_time_errors.add("trading.pnl")
+    c = make()
+    consumer, admin = FakeConsumer(cluster), FakeAdmin(cluster)
+    assert c._probe(consumer, admin)  # type: ignore[arg-type]
+    assert len(consumer.time_queries) == 3  # not the empty partition
+    assert consumer.assigned[("risk.violations", 0)] == 0
+    assert consumer.assigned[("trading.pnl", 0)] == OFFSET_BEGINNING
+    assert c._warming == {("trading.pnl", 0): 10, ("trading.pnl", 1): 10}
+
+
+def test_only_partitions_present_at_start_warm_up(kafka, cluster) -> None:
+    c, consumer, _ = kafka
+    cluster.by_time["trading.pnl"] = 4
+    assert probe(kafka)
+    cluster.topics["risk.violations"] = (1, 3, 7)
+    assert probe(kafka)
+    assert consumer.assigned[("risk.violations", 0)] == OFFSET_BEGINNING
+    assert set(c._warming) == {("trading.pnl", 0), ("trading.pnl", 1)}
+
+
+def test_a_rebuilt_consumer_resumes_inside_the_warmup_not_at_its_start(
+    kafka, cluster
+) -> None:
+    """The breaker/restart path is unchanged: a consumer rebuilt during the
+    warm-up carries on where the last one was, and readiness still waits for
+    the end captured at the first start, not a new one."""
+    c, consumer, admin = kafka
+    cluster.by_time["trading.pnl"] = 4
+    assert probe(kafka)
+    consumer.consumed[("trading.pnl", 0)] = 7
+    c._remember_positions(consumer)  # type: ignore[arg-type]
+    c._assigned = {}
+    cluster.topics["trading.pnl"] = (2, 1, 20)  # the log grew meanwhile
+    fresh = FakeConsumer(cluster)
+    assert c._probe(fresh, admin)  # type: ignore[arg-type]
+    assert fresh.time_queries == []  # no second warm-up window
+    assert fresh.assigned[("trading.pnl", 0)] == 7
+    assert fresh.assigned[("trading.pnl", 1)] == 4
+    assert c._warming == {("trading.pnl", 0): 10, ("trading.pnl", 1): 10}
+    fresh.consumed[("trading.pnl", 0)] = 10
+    fresh.consumed[("trading.pnl", 1)] = 12
+    c._check_warmup(fresh)  # type: ignore[arg-type]
+    assert c._warming == {}
+
+
+def test_a_partition_dropped_during_warmup_does_not_hold_readiness(
+    kafka, cluster
+) -> None:
+    c, consumer, _ = kafka
+    cluster.by_time["trading.pnl"] = 4
+    assert probe(kafka)
+    assert c._warming
+    cluster.topics["trading.pnl"] = (2, 99, 1)  # re-created: read from the start
+    assert probe(kafka)
+    assert consumer.assigned[("trading.pnl", 0)] == OFFSET_BEGINNING
+    assert c._warming == {}
+
+
+def test_warmup_failure_to_answer_opens_the_breaker_and_retries(cluster) -> None:
+    """The timestamp lookup is part of the first assignment: if the brokers
+    do not answer it, nothing is assigned and the next probe tries again."""
+    c = make()
+    consumer, admin = FakeConsumer(cluster), FakeAdmin(cluster)
+    cluster.by_time["trading.pnl"] = 4
+    calls = {"n": 0}
+    real = consumer.offsets_for_times
+
+    def flaky(partitions: list[TopicPartition], timeout: float) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the timestamp query of the first assignment
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "slow"))
+        return real(partitions, timeout)
+
+    consumer.offsets_for_times = flaky  # type: ignore[method-assign]
+    assert not c._probe(consumer, admin)  # type: ignore[arg-type]
+    assert c.breaker == OPEN and consumer.assigned == {}
+    assert c._probe(consumer, admin)  # type: ignore[arg-type]
+    assert consumer.assigned[("trading.pnl", 0)] == 4
+    assert set(c._warming) == {("trading.pnl", 0), ("trading.pnl", 1)}

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from picows.picows import WSMsgType, _make_test_ws_frame
+
 from pushsvc._router import DROP_REASONS, Router
 
 from .fakes import FakeClients
@@ -118,7 +119,7 @@ def test_any_record_is_routed_or_dropped_and_counted(loop, batch):
         stats = router.stats()
         assert stats["kafka_processed"] == len(batch)
         assert sum(stats["dropped"].values()) + routed == len(batch)
-        for frame in raw_a1.written[1:]:  # after "connected"
+        for frame in raw_a1.written[2:]:  # after "connected" and "snapshot"
             message = orjson.loads(frame[2:] if frame[1] < 126 else frame[4:])
             routed_to_a1 = str(message.get("assessmentId")) == "a1"
             assert message["type"] == "market_price" or routed_to_a1
