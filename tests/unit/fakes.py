@@ -12,6 +12,7 @@ import logging
 import os
 
 from picows.picows import WSTransport
+
 from pushsvc._router import Connection, Router
 
 

@@ -1,8 +1,9 @@
 """The compiled router: decode once, normalize, frame; drops have reasons."""
 
 import orjson
-import pushsvc._router as router_module
 import pytest
+
+import pushsvc._router as router_module
 from pushsvc._router import Router, camel, iso_utc, make_frame
 
 TS = 1_795_690_747_123  # 2026-11-26T10:59:07.123Z
