@@ -755,12 +755,17 @@ async def open_client(
     assessment_id: str | None = None,
     *,
     token: str | None = None,
+    since: str | None = None,
     **kwargs: Any,
 ) -> PushClient:
-    """Connect and consume the ``connected`` message (asserting that it is first)."""
+    """Connect and consume the ``connected`` message (asserting that it is first)
+    and, unless the connection resumed from ``since``, the snapshot after it."""
     if token is None:
         token = make_token(user)
-    ws = await ws_connect(server.ws_url(token, assessment_id), **kwargs)
+    url = server.ws_url(token, assessment_id)
+    if since is not None:
+        url += "&since=" + urllib.parse.quote(since)
+    ws = await ws_connect(url, **kwargs)
     try:
         raw = await asyncio.wait_for(ws.recv(), TIMEOUT)
         assert isinstance(raw, str), f"first frame not text: {raw!r:.200}"

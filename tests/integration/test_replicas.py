@@ -4,10 +4,10 @@ This is the deployment model of k8s/ on loopback: replicas with the same
 configuration (the same KAFKA_GROUP_ID included), a load balancer spreading
 clients over them. Every replica reads every partition, so a client receives
 exactly its events whichever replica it landed on. When a replica dies
-(SIGKILL: no drain, no close frame), its clients reconnect to the others and
-receive every event produced after they are back, exactly once. Events produced
-while they were away are not replayed (there is no resume yet); the clients on
-the surviving replicas miss nothing at all.
+(SIGKILL: no drain, no close frame), its clients reconnect to the others with
+the last position they saw (since=<pos>) and get the assessment events produced
+while they were away exactly once, then every later event exactly once; the
+clients on the surviving replicas miss nothing at all.
 
 Round-robin with 300 clients over 3 replicas and 100 assessments puts one
 client of every assessment on every replica (3 and 100 are coprime), so each
@@ -105,11 +105,23 @@ async def _pump(sub: Subscriber) -> None:
         sub.closed.set()
 
 
-async def _connect(sub: Subscriber, server: Server, limit: asyncio.Semaphore) -> None:
+def _last_pos(sub: Subscriber) -> str:
+    """The latest resume position the client saw (its connected message's,
+    if no assessment message came after it)."""
+    for message in reversed(sub.received):
+        if "pos" in message and message.get("type") != "snapshot":
+            return str(message["pos"])
+    assert sub.client is not None
+    return str(sub.client.hello["pos"])
+
+
+async def _connect(
+    sub: Subscriber, server: Server, limit: asyncio.Semaphore, since: str | None = None
+) -> None:
     async with limit:
         token = make_token(f"user-{sub.index}", assessments=[sub.assessment])
         sub.client = await open_client(
-            server, assessment_id=sub.assessment, token=token
+            server, assessment_id=sub.assessment, token=token, since=since
         )
     assert sub.client.hello["assessmentId"] == sub.assessment
     sub.closed = asyncio.Event()
@@ -284,7 +296,15 @@ async def _run_scenario(
     for j, s in enumerate(dropped):
         s.replica = 1 + j % (REPLICAS - 1)
         s.reconnected = True
-    await asyncio.gather(*(_connect(s, replicas[s.replica], limit) for s in dropped))
+    # Each resumes from the last position it saw, on whichever replica.
+    resume_from = {s.index: _last_pos(s) for s in dropped}
+    await asyncio.gather(
+        *(
+            _connect(s, replicas[s.replica], limit, since=resume_from[s.index])
+            for s in dropped
+        )
+    )
+    assert all(s.client is not None and s.client.hello["resumed"] for s in dropped)
     reconnect_s = time.monotonic() - started
     assert reconnect_s < TIMEOUT, reconnect_s
     expected_each = CLIENTS // (REPLICAS - 1)
@@ -307,11 +327,12 @@ async def _run_scenario(
         _assert_exactly(s, "after", *after)
         _assert_exactly(s, "before", *before)
         if s.reconnected:
-            # No resume yet: what was produced while away may be missing,
-            # but nothing arrives twice.
-            for kind, count in (("pnl_update", gap[0]), ("market_price", gap[1])):
-                seqs = s.events(kind, "gap")
-                assert seqs == list(range(len(seqs))) and len(seqs) <= count, seqs
+            # Resumed: the assessment's events produced while it was away
+            # arrive exactly once. Market prices are for everyone and are not
+            # resumed (the next tick replaces them): at most once.
+            assert s.events("pnl_update", "gap") == list(range(gap[0])), s.index
+            seqs = s.events("market_price", "gap")
+            assert seqs == list(range(len(seqs))) and len(seqs) <= gap[1], seqs
         else:
             _assert_exactly(s, "gap", *gap)
         foreign = [
