@@ -90,6 +90,7 @@ cdef class Connection(WSListener):
     cdef int _write_frames(self, list payloads) except -1
     cdef int _flush(self) except -1
     cdef int _buf_append(self, const char* data, Py_ssize_t size) except -1
+    cdef int _write_buf(self, WSTransport t) except -1
     cdef void _buf_release(self) noexcept
     cdef int _on_text(self, WSFrame frame) except -1
     cdef int _on_invalid(self, int reason) except -1

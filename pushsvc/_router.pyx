@@ -446,10 +446,7 @@ cdef class Connection(WSListener):
         for payload in payloads:
             frame = make_frame(<bytes>payload)
             self._buf_append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
-        try:
-            t._fast_write(self._buf, self._buf_len)
-        finally:
-            self._buf_len = 0
+        self._write_buf(t)
         self._router.messages_sent += len(payloads)
         return 0
 
@@ -704,12 +701,7 @@ cdef class Connection(WSListener):
                                  PyBytes_GET_SIZE(<bytes>frame))
                 sent += 1
         if self._buf_len:
-            try:
-                t._fast_write(self._buf, self._buf_len)
-            finally:
-                self._buf_len = 0
-            if self._buf_cap > _KEEP_BUF_BYTES:
-                self._buf_release()
+            self._write_buf(t)
         self._router.messages_sent += sent
         return 0
 
@@ -730,6 +722,17 @@ cdef class Connection(WSListener):
         self._buf_len = need
         return 0
 
+    cdef int _write_buf(self, WSTransport t) except -1:
+        # One send for everything coalesced; a buffer that grew large is given
+        # back rather than kept for the next batch.
+        try:
+            t._fast_write(self._buf, self._buf_len)
+        finally:
+            self._buf_len = 0
+        if self._buf_cap > _KEEP_BUF_BYTES:
+            self._buf_release()
+        return 0
+
     cdef void _buf_release(self) noexcept:
         if self._buf != NULL:
             PyMem_Free(self._buf)
@@ -748,12 +751,7 @@ cdef class Connection(WSListener):
             return 0
         if self._buf_len:
             self._buf_used = True
-            try:
-                t._fast_write(self._buf, self._buf_len)
-            finally:
-                self._buf_len = 0
-            if self._buf_cap > _KEEP_BUF_BYTES:
-                self._buf_release()
+            self._write_buf(t)
         elif pending is not None:
             t._fast_write(PyBytes_AS_STRING(pending), PyBytes_GET_SIZE(pending))
         self._router.messages_sent += queued

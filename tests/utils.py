@@ -676,20 +676,7 @@ class PushClient:
         limit: int = 100_000,
     ) -> list[dict[str, Any]]:
         """Receive until ``count`` messages matched ``pred``; return those."""
-        deadline = time.monotonic() + timeout
-        matched: list[dict[str, Any]] = []
-        for _ in range(limit):
-            if len(matched) >= count:
-                return matched
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                msg = await self.recv_json(timeout=remaining)
-            except TimeoutError:
-                break
-            if pred(msg):
-                matched.append(msg)
+        matched = await self._matching(pred, timeout, limit, count)
         if len(matched) >= count:
             return matched
         raise AssertionError(
@@ -704,9 +691,22 @@ class PushClient:
         limit: int = 100_000,
     ) -> list[dict[str, Any]]:
         """Everything matching ``pred`` that arrives within ``duration`` seconds."""
+        return await self._matching(pred, duration, limit, None)
+
+    async def _matching(
+        self,
+        pred: Callable[[dict[str, Any]], bool],
+        duration: float,
+        limit: int,
+        count: int | None,
+    ) -> list[dict[str, Any]]:
+        """Messages matching ``pred`` received within ``duration`` seconds,
+        stopping early once ``count`` matched (when given)."""
         deadline = time.monotonic() + duration
         matched: list[dict[str, Any]] = []
         for _ in range(limit):
+            if count is not None and len(matched) >= count:
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import pytest
 from utils import (
-    STANDARD_TOPICS,
     Broker,
     Server,
     client,
@@ -47,8 +46,7 @@ from .test_invalid_records import (  # noqa: F401
     test_scoped_record_without_assessment_not_delivered,
 )
 from .test_routing import (  # noqa: F401
-    PRESTART_ASSESSMENT,
-    PRESTART_SYMBOL,
+    seed_prestart_records,
     test_assessments_are_isolated,
     test_events_of_one_partition_arrive_in_order,
     test_every_connection_of_an_assessment_receives,
@@ -75,19 +73,7 @@ BASELINE_CMD = [sys.executable, "-m", "benchmarks.baselines.websockets_server"]
 def server(broker: Broker) -> Iterator[Server]:
     """The baseline, started like test_routing's pushsvc: topics exist and hold
     records (which must not be delivered) before it starts."""
-    create_topics(broker.bootstrap, STANDARD_TOPICS)
-    produce(
-        broker.bootstrap,
-        "trading.pnl",
-        {"assessmentId": PRESTART_ASSESSMENT, "old": True},
-        key=PRESTART_ASSESSMENT,
-    )
-    produce(
-        broker.bootstrap,
-        "market-data.prices",
-        {"symbol": PRESTART_SYMBOL, "old": True},
-        key=PRESTART_SYMBOL,
-    )
+    seed_prestart_records(broker)
     with run_server(broker, cmd=BASELINE_CMD) as s:
         yield s
     assert s.process.returncode == 0, f"exit code {s.process.returncode} on SIGTERM"

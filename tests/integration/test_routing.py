@@ -35,9 +35,9 @@ PRESTART_ASSESSMENT = uid("prestart")
 PRESTART_SYMBOL = uid("PRESTART")
 
 
-@pytest.fixture(scope="module")
-def server(broker: Broker) -> Iterator[Server]:
-    """Topics exist and already hold records before the server starts."""
+def seed_prestart_records(broker: Broker) -> None:
+    """Create the topics and put records in them that a server started
+    afterwards must not push to anyone."""
     create_topics(broker.bootstrap, STANDARD_TOPICS)
     produce(
         broker.bootstrap,
@@ -51,6 +51,12 @@ def server(broker: Broker) -> Iterator[Server]:
         {"symbol": PRESTART_SYMBOL, "old": True},
         key=PRESTART_SYMBOL,
     )
+
+
+@pytest.fixture(scope="module")
+def server(broker: Broker) -> Iterator[Server]:
+    """Topics exist and already hold records before the server starts."""
+    seed_prestart_records(broker)
     with run_server(broker) as s:
         yield s
 
