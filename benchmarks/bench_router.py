@@ -173,3 +173,89 @@ def bench_batch_handoff(benchmark, null_fd):
         assert handoff.wakeups <= handoff.batches
     finally:
         loop.close()
+
+
+_SPREAD_TOPICS = (
+    "trading.pnl",
+    "trading.positions",
+    "risk.rule-status",
+    "risk.violations",
+    "assessment.status",
+)
+
+
+class _Record(_Message):
+    """A record of a given partition and time, for traffic over many partitions."""
+
+    __slots__ = ("_partition", "_ts")
+
+    def __init__(
+        self, value: bytes, topic: str, partition: int, offset: int, ts: int
+    ) -> None:
+        super().__init__(value, topic)
+        self._partition, self._offset, self._ts = partition, offset, ts
+
+    def partition(self) -> int:
+        return self._partition
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._ts)
+
+
+def _spread_batches(
+    assessments: int, batches: int, size: int = 100
+) -> list[list[_Record]]:
+    """Assessment events over 5 topics x 4 partitions, each batch in runs of one
+    partition (as librdkafka hands them over)."""
+    out = []
+    for b in range(batches):
+        batch = []
+        for i in range(size):
+            n = b * size + i
+            event = {
+                "assessment_id": f"a-{n % assessments}",
+                "unrealized_pnl": 1.5 * n,
+                "realized_pnl": -310.25,
+                "rule": f"r{n % 3}",
+                "position_id": f"p{n % 4}",
+                "quantity": n % 3,
+                "timestamp": "2026-11-26T10:58:11.123Z",
+            }
+            batch.append(
+                _Record(
+                    orjson.dumps(event),
+                    _SPREAD_TOPICS[n % 5],
+                    n % 4,
+                    n,
+                    1_795_690_691_123 + n,
+                )
+            )
+        batch.sort(key=lambda r: (r.topic(), r.partition(), r.offset()))
+        out.append(batch)
+    return out
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["resume-off", "resume-on"])
+@pytest.mark.benchmark(
+    group="router: spread traffic, 10 batches of 100 records, 200 assessments x 5"
+)
+def bench_spread_with_and_without_resume(benchmark, loop, null_fd, resume):
+    """What positions, resume buffers and snapshot state add to the hot path:
+    the same traffic through a router with them (as the service runs) and one
+    without, side by side in one run."""
+    router = Router(resume=resume)
+    logger = logging.LoggerAdapter(logging.getLogger("bench"), {})
+    for i in range(1000):
+        transport = WSTransport(False, _NullTransport(null_fd), logger, loop)
+        Connection(router, f"user-{i}", f"a-{i % 200}").on_ws_connected(transport)
+    batches = _spread_batches(200, 60)
+    for batch in batches[:50]:  # buffers full and state warm, as in steady state
+        router.deliver(batch)
+    rounds = iter(range(10**9))
+
+    def ten_batches() -> None:
+        start = next(rounds) % 5 * 2
+        for batch in batches[50 + start : 52 + start] * 5:
+            router.deliver(batch)
+
+    benchmark(ten_batches)

@@ -31,18 +31,58 @@ cdef enum:
     IGNORED_COUNT = 5
 
 
+cdef struct _Record:
+    # One Kafka record of a batch, for ordering it without Python objects.
+    int64_t ts
+    int64_t pkey
+    int64_t offset
+    Py_ssize_t index
+
+
+cdef struct _Vec:
+    # Partition keys ascending, and an offset for each.
+    int64_t* keys
+    int64_t* offsets
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+cdef struct _Kept:
+    # A message kept for resume (its payload sits in a parallel list).
+    int64_t ts
+    int64_t pkey
+    int64_t offset
+    double at
+
+
 cdef class _AssessmentState:
     # What the router remembers of one assessment: its position vector, the
     # recent messages for resume, and the latest state for the snapshot.
     cdef:
-        dict vector
-        object buffer
-        dict evicted
+        _Vec pos
+        # Per partition, the newest offset the ring no longer holds.
+        _Vec evicted
+        # The ring of recent messages: C records and, slot for slot, payloads.
+        _Kept* kept
+        list kept_payloads
+        Py_ssize_t kept_head
+        Py_ssize_t kept_len
+        Py_ssize_t kept_cap
+        # Router tick of the last update (approximate LRU eviction).
+        uint64_t touched
         bytes pnl
         bytes status
         dict rules
         dict positions
         Py_ssize_t nbytes
+
+    cdef bytes positioned(self, bytes base, int64_t issued_s)
+    cdef dict vector(self)
+    cdef dict evicted_upto(self)
+    cdef int keep(self, int64_t ts, int64_t pkey, int64_t offset, bytes payload,
+                  double at, Py_ssize_t limit) except -1
+    cdef Py_ssize_t drop_oldest(self) except -1
+    cdef list kept_items(self)
 
 
 cdef class Connection(WSListener):
@@ -119,7 +159,9 @@ cdef class Router:
         object _live_check
         bint _live
         list _warm
-        dict _assessments
+        object _assessments  # OrderedDict: str -> _AssessmentState
+        uint64_t _tick
+        double _now
         dict _prices
         dict _positions
         dict _pkey_topics
@@ -127,6 +169,7 @@ cdef class Router:
         int _buffer_events
         Py_ssize_t _buffer_max_bytes
         Py_ssize_t _state_max
+        bint _track
         double _resume_max_age_s
         readonly Py_ssize_t buffer_bytes
         readonly Py_ssize_t buffer_entries
@@ -162,11 +205,13 @@ cdef class Router:
         unsigned long _loop_thread
 
     cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms,
-                     int partition=*, int64_t offset=*, bint track=*) except -1
+                     int64_t pkey=*, int64_t offset=*, bint track=*) except -1
     cdef _AssessmentState _state(self, str room)
     cdef int _remember(self, _AssessmentState st, dict event, int64_t ts_ms) except -1
-    cdef int _trim(self, _AssessmentState st) except -1
-    cdef int _evict(self, _AssessmentState st, tuple item) except -1
+    cdef int _trim(self, _AssessmentState st, double now) except -1
+    cdef int _evict_state(self) except -1
+    cdef int _merge_records(self, _Record* records, Py_ssize_t count) except -1
+    cdef int _evict_oldest(self, _AssessmentState st) except -1
     cdef bytes _snapshot(self, Connection conn)
     cdef object _plan_resume(self, Connection conn)
     cdef int _process_warm(self) except -1

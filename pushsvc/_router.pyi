@@ -80,6 +80,7 @@ class Router:
         resume_buffer_max_bytes: int = 67108864,
         resume_max_age_ms: float = 300000,
         state_max_assessments: int = 100000,
+        resume: bool = True,
         token_verifier: Callable[[str], Any] | None = None,
         on_closed: Callable[[Connection, int], None] | None = None,
     ) -> None: ...

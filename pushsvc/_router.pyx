@@ -7,12 +7,15 @@
 # _fast_write path does not, so a debug build asserts it here).
 
 cimport cython
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeASCII
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy
+from libc.stdlib cimport qsort
+from libc.string cimport memcpy, memmove
 from libc.time cimport time_t, tm
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
@@ -22,6 +25,7 @@ import base64
 import binascii
 import collections
 import heapq
+import operator
 import logging
 import uuid
 import zlib
@@ -218,10 +222,22 @@ cdef str _room_of(object value):
 # A partition is named by a 24-bit hash of its topic and its number, so the
 # same record has the same key on every replica (no replica-local index). A
 # position is the vector "last offset seen, per partition" of one assessment,
-# with the time it was issued (for RESUME_MAX_AGE), as base64url varints.
+# with the time it was issued (for RESUME_MAX_AGE), as base64url varints:
+# version byte, varint seconds, then (varint partition key, varint offset)
+# pairs in key order.
+#
+# The live path keeps each vector in two small sorted C arrays and writes the
+# token straight into the outgoing payload (one allocation, no Python objects
+# in between): positions ride on every assessment message, so they must cost
+# next to nothing. The dict-based functions below serve the cold paths
+# (connected, snapshot, replays, parsing a client's token).
 
 cdef dict _TOPIC_IDS = {}
 cdef int _POS_VERSION = 1
+cdef const char* _B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+cdef enum:
+    # Vectors up to this many partitions are encoded from the stack.
+    _POS_STACK_PAIRS = 32
 
 
 cdef inline int64_t _pkey(str topic, int partition):
@@ -233,22 +249,127 @@ cdef inline int64_t _pkey(str topic, int partition):
     return (<int64_t>found << 20) | (partition & 0xFFFFF)
 
 
-cdef inline void _put_varint(bytearray out, uint64_t value):
+cdef inline Py_ssize_t _varint(uint8_t* out, uint64_t value) noexcept nogil:
+    cdef Py_ssize_t n = 0
     while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
+        out[n] = <uint8_t>((value & 0x7F) | 0x80)
         value >>= 7
-    out.append(value)
+        n += 1
+    out[n] = <uint8_t>value
+    return n + 1
+
+
+cdef Py_ssize_t _pos_raw(uint8_t* out, const int64_t* keys, const int64_t* offsets,
+                         Py_ssize_t n, int64_t issued_s) noexcept nogil:
+    # ``out`` holds at least 11 + 20 * n bytes.
+    cdef Py_ssize_t at = 1, i
+    out[0] = <uint8_t>_POS_VERSION
+    at += _varint(out + at, <uint64_t>(issued_s if issued_s > 0 else 0))
+    for i in range(n):
+        at += _varint(out + at, <uint64_t>keys[i])
+        at += _varint(out + at, <uint64_t>(offsets[i] if offsets[i] > 0 else 0))
+    return at
+
+
+cdef inline Py_ssize_t _b64url_len(Py_ssize_t size) noexcept nogil:
+    # Unpadded: 4 characters per 3 bytes, 2 or 3 for a tail of 1 or 2.
+    return (size * 4 + 2) // 3
+
+
+cdef void _b64url(char* out, const uint8_t* raw, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i = 0, o = 0
+    cdef uint32_t v
+    while i + 3 <= size:
+        v = (<uint32_t>raw[i] << 16) | (<uint32_t>raw[i + 1] << 8) | raw[i + 2]
+        out[o] = _B64URL[(v >> 18) & 63]
+        out[o + 1] = _B64URL[(v >> 12) & 63]
+        out[o + 2] = _B64URL[(v >> 6) & 63]
+        out[o + 3] = _B64URL[v & 63]
+        i += 3
+        o += 4
+    if size - i == 1:
+        v = <uint32_t>raw[i] << 16
+        out[o] = _B64URL[(v >> 18) & 63]
+        out[o + 1] = _B64URL[(v >> 12) & 63]
+    elif size - i == 2:
+        v = (<uint32_t>raw[i] << 16) | (<uint32_t>raw[i + 1] << 8)
+        out[o] = _B64URL[(v >> 18) & 63]
+        out[o + 1] = _B64URL[(v >> 12) & 63]
+        out[o + 2] = _B64URL[(v >> 6) & 63]
+
+
+cdef bytes _splice_pos(bytes base, const int64_t* keys, const int64_t* offsets,
+                       Py_ssize_t n, int64_t issued_s):
+    # ``base`` (a JSON object) with ``,"pos":"<token>"`` as its last field:
+    # positions always go last, so a message kept without one is positioned
+    # again by splicing bytes instead of re-serializing.
+    cdef uint8_t stack[11 + 20 * _POS_STACK_PAIRS]
+    cdef uint8_t* raw = stack
+    cdef Py_ssize_t size, encoded, head = PyBytes_GET_SIZE(base) - 1
+    cdef bytes out
+    cdef char* p
+    if n > _POS_STACK_PAIRS:
+        raw = <uint8_t*>PyMem_Malloc(11 + 20 * n)
+        if raw == NULL:
+            raise MemoryError()
+    try:
+        size = _pos_raw(raw, keys, offsets, n, issued_s)
+        encoded = _b64url_len(size)
+        out = PyBytes_FromStringAndSize(NULL, head + 8 + encoded + 2)
+        p = PyBytes_AS_STRING(out)
+        memcpy(p, PyBytes_AS_STRING(base), head)
+        memcpy(p + head, b',"pos":"', 8)
+        _b64url(p + head + 8, raw, size)
+        p[head + 8 + encoded] = 34  # '"'
+        p[head + 9 + encoded] = 125  # '}'
+        return out
+    finally:
+        if raw != stack:
+            PyMem_Free(raw)
+
+
+cdef class _Vector:
+    # A position vector from a dict, as the sorted arrays the encoder reads.
+    cdef int64_t* keys
+    cdef int64_t* offsets
+    cdef Py_ssize_t n
+
+    def __cinit__(self, dict vector):
+        cdef Py_ssize_t i = 0
+        self.n = len(vector)
+        self.keys = <int64_t*>PyMem_Malloc((self.n + 1) * sizeof(int64_t))
+        self.offsets = <int64_t*>PyMem_Malloc((self.n + 1) * sizeof(int64_t))
+        if self.keys == NULL or self.offsets == NULL:
+            raise MemoryError()
+        for key in sorted(vector):
+            self.keys[i] = <int64_t>key
+            self.offsets[i] = <int64_t>vector[key]
+            i += 1
+
+    def __dealloc__(self):
+        PyMem_Free(self.keys)
+        PyMem_Free(self.offsets)
+
+
+cdef bytes _with_pos(bytes base, dict vector, int64_t issued_s):
+    cdef _Vector v = _Vector(vector)
+    return _splice_pos(base, v.keys, v.offsets, v.n, issued_s)
+
+
+cdef bytes _strip_pos(bytes payload):
+    # A kept message without its pos (always the last field; a producer's
+    # own "pos" is dropped when the message is built, and inside a JSON
+    # string these bytes would have their quotes escaped).
+    cdef Py_ssize_t at = payload.rfind(b',"pos":"')
+    return payload if at < 0 else payload[:at] + b"}"
 
 
 cpdef str encode_pos(dict vector, int64_t issued_s):
     """The opaque position token for ``vector`` (partition key -> offset)."""
-    cdef bytearray out = bytearray()
-    out.append(_POS_VERSION)
-    _put_varint(out, <uint64_t>max(issued_s, 0))
-    for key in (vector if len(vector) < 2 else sorted(vector)):
-        _put_varint(out, <uint64_t>key)
-        _put_varint(out, <uint64_t>max(<int64_t>vector[key], 0))
-    return base64.urlsafe_b64encode(bytes(out)).rstrip(b"=").decode("ascii")
+    cdef bytes json = _with_pos(b"{}", vector, issued_s)
+    # b'{,"pos":"TOKEN"}' -> TOKEN
+    return PyUnicode_DecodeASCII(PyBytes_AS_STRING(json) + 9,
+                                 PyBytes_GET_SIZE(json) - 11, NULL)
 
 
 cpdef tuple decode_pos(str token):
@@ -291,23 +412,121 @@ cpdef tuple decode_pos(str token):
     return numbers[0], vector
 
 
-cdef bytes _with_pos(bytes payload, str token):
-    # Positions are always the last field, so a replayed message is
-    # re-positioned by splicing bytes instead of re-serializing.
-    cdef Py_ssize_t at = payload.rfind(b',"pos":"')
-    if at < 0:
-        at = len(payload) - 1
-    return payload[:at] + b',"pos":"' + token.encode("ascii") + b'"}'
+cdef int _vec_set(_Vec* v, int64_t key, int64_t offset) except -1:
+    # Sorted insert or update; an assessment spans a handful of partitions,
+    # so a linear scan beats anything cleverer.
+    cdef Py_ssize_t i = 0, cap
+    cdef int64_t* keys
+    cdef int64_t* offsets
+    while i < v.len and v.keys[i] < key:
+        i += 1
+    if i < v.len and v.keys[i] == key:
+        v.offsets[i] = offset
+        return 0
+    if v.len == v.cap:
+        cap = 4 if v.cap == 0 else v.cap * 2
+        keys = <int64_t*>PyMem_Realloc(v.keys, cap * sizeof(int64_t))
+        if keys == NULL:
+            raise MemoryError()
+        v.keys = keys
+        offsets = <int64_t*>PyMem_Realloc(v.offsets, cap * sizeof(int64_t))
+        if offsets == NULL:
+            raise MemoryError()
+        v.offsets = offsets
+        v.cap = cap
+    memmove(v.keys + i + 1, v.keys + i, (v.len - i) * sizeof(int64_t))
+    memmove(v.offsets + i + 1, v.offsets + i, (v.len - i) * sizeof(int64_t))
+    v.keys[i] = key
+    v.offsets[i] = offset
+    v.len += 1
+    return 0
+
+
+cdef dict _vec_dict(const _Vec* v):
+    cdef Py_ssize_t i
+    return {v.keys[i]: v.offsets[i] for i in range(v.len)}
+
+
+cdef void _vec_free(_Vec* v) noexcept:
+    PyMem_Free(v.keys)
+    PyMem_Free(v.offsets)
+    v.keys = NULL
+    v.offsets = NULL
+    v.len = v.cap = 0
 
 
 @cython.final
 cdef class _AssessmentState:
     def __cinit__(self):
-        self.vector = {}
-        self.buffer = collections.deque()
-        self.evicted = {}
         self.rules = {}
         self.positions = {}
+        self.kept_payloads = []
+
+    def __dealloc__(self):
+        _vec_free(&self.pos)
+        _vec_free(&self.evicted)
+        PyMem_Free(self.kept)
+
+    cdef bytes positioned(self, bytes base, int64_t issued_s):
+        return _splice_pos(base, self.pos.keys, self.pos.offsets, self.pos.len, issued_s)
+
+    cdef dict vector(self):
+        return _vec_dict(&self.pos)
+
+    cdef dict evicted_upto(self):
+        return _vec_dict(&self.evicted)
+
+    cdef int keep(self, int64_t ts, int64_t pkey, int64_t offset, bytes payload,
+                  double at, Py_ssize_t limit) except -1:
+        # Append to the ring; the caller made room (kept_len < limit). The
+        # ring grows by doubling up to ``limit``, so quiet assessments stay
+        # small.
+        cdef Py_ssize_t cap, i, slot
+        cdef _Kept* grown
+        cdef list payloads
+        if self.kept_len == self.kept_cap:
+            cap = min(max(4, self.kept_cap * 2), limit)
+            grown = <_Kept*>PyMem_Malloc(cap * sizeof(_Kept))
+            if grown == NULL:
+                raise MemoryError()
+            payloads = [None] * cap
+            for i in range(self.kept_len):
+                slot = (self.kept_head + i) % self.kept_cap
+                grown[i] = self.kept[slot]
+                payloads[i] = self.kept_payloads[slot]
+            PyMem_Free(self.kept)
+            self.kept = grown
+            self.kept_payloads = payloads
+            self.kept_cap = cap
+            self.kept_head = 0
+        slot = (self.kept_head + self.kept_len) % self.kept_cap
+        self.kept[slot].ts = ts
+        self.kept[slot].pkey = pkey
+        self.kept[slot].offset = offset
+        self.kept[slot].at = at
+        self.kept_payloads[slot] = payload
+        self.kept_len += 1
+        return 0
+
+    cdef Py_ssize_t drop_oldest(self) except -1:
+        # Forget the oldest kept message; returns its size in bytes.
+        cdef _Kept* oldest = &self.kept[self.kept_head]
+        cdef bytes payload = <bytes>self.kept_payloads[self.kept_head]
+        _vec_set(&self.evicted, oldest.pkey, oldest.offset)
+        self.kept_payloads[self.kept_head] = None
+        self.kept_head = (self.kept_head + 1) % self.kept_cap
+        self.kept_len -= 1
+        return PyBytes_GET_SIZE(payload)
+
+    cdef list kept_items(self):
+        # ``(ts_ms, pkey, offset, payload)``, oldest first.
+        cdef Py_ssize_t i, slot
+        cdef list out = []
+        for i in range(self.kept_len):
+            slot = (self.kept_head + i) % self.kept_cap
+            out.append((self.kept[slot].ts, self.kept[slot].pkey,
+                        self.kept[slot].offset, self.kept_payloads[slot]))
+        return out
 
 
 @cython.final
@@ -391,7 +610,7 @@ cdef class Connection(WSListener):
             message["assessmentId"] = self.assessment_id
             if vector is None:
                 st = self._router._assessments.get(self.assessment_id)
-                vector = {} if st is None else (<_AssessmentState>st).vector
+                vector = {} if st is None else (<_AssessmentState>st).vector()
             message["pos"] = encode_pos(vector, _epoch_ms() // 1000)
         self._send_now(message)
 
@@ -422,13 +641,12 @@ cdef class Connection(WSListener):
         else:
             merged = list(events)
             for topic, partition, offset, value, key, ts_ms in records:
-                if router._decode(value, topic, key, ts_ms, partition, offset,
-                                  False) != DROP_NONE:
+                if router._decode(value, topic, key, ts_ms, _pkey(topic, partition),
+                                  offset, False) != DROP_NONE:
                     continue
                 if router._ev_room != self.assessment_id:
                     continue
-                merged.append((ts_ms, _pkey(topic, partition), offset,
-                               router._ev_payload))
+                merged.append((ts_ms, router._ev_pkey, offset, router._ev_payload))
             router._ev_payload = None
             merged = _merge_partitions(merged)
             router.resumes_kafka += 1
@@ -762,33 +980,60 @@ def _time_then_partition(item):
     return (item[0], item[1])
 
 
+cdef object _TIME_KEY_OFFSET = operator.itemgetter(0, 1, 2)
+
+
 cdef list _merge_partitions(list items):
-    # Items are (ts_ms, pkey, offset, ...). Each partition keeps its own
-    # (offset) order; across partitions the earlier record time goes first.
-    # Every replica sees each partition's records in the same order, so this
-    # merge gives all of them one interleaving, and with it the same
-    # positions for the same records.
-    cdef dict groups = {}
+    # Items are (ts_ms, pkey, offset, ...), each partition's in offset order.
+    # The result keeps every partition's order and puts the earlier record
+    # time first across partitions (ties by partition key): one interleaving
+    # that every replica gives the same records, and with it the same
+    # positions. When each partition's times rise with its offsets (the
+    # usual case) that is a sort by (time, key, offset); otherwise a k-way
+    # merge of the partitions.
+    cdef dict last = {}
+    cdef bint monotone = True
+    for item in items:
+        pkey = (<tuple>item)[1]
+        previous = last.get(pkey)
+        if previous is not None and previous > (<tuple>item)[0]:
+            monotone = False
+            break
+        last[pkey] = (<tuple>item)[0]
+    if monotone:
+        return items if len(last) <= 1 else sorted(items, key=_TIME_KEY_OFFSET)
+    groups = {}
     for item in items:
         found = groups.get((<tuple>item)[1])
         if found is None:
             groups[(<tuple>item)[1]] = [item]
         else:
             (<list>found).append(item)
-    if len(groups) <= 1:
-        return items
     return list(heapq.merge(*groups.values(), key=_time_then_partition))
+
+
+cdef int _record_order(const void* a, const void* b) noexcept nogil:
+    cdef const _Record* x = <const _Record*>a
+    cdef const _Record* y = <const _Record*>b
+    if x.ts != y.ts:
+        return -1 if x.ts < y.ts else 1
+    if x.pkey != y.pkey:
+        return -1 if x.pkey < y.pkey else 1
+    if x.offset != y.offset:
+        return -1 if x.offset < y.offset else 1
+    return 0
 
 
 cdef list _replay(dict vector, list events):
     # Each replayed message carries the client's vector advanced by the
     # messages replayed so far: monotone, and exact whenever it stops.
+    # Each is issued at its record's time, as the live message was.
     cdef dict running = dict(vector)
     cdef list out = []
-    cdef int64_t issued = _epoch_ms() // 1000
     for ts_ms, pkey, offset, payload in events:
         running[pkey] = offset
-        out.append(_with_pos(<bytes>payload, encode_pos(running, issued)))
+        out.append(_with_pos(_strip_pos(<bytes>payload), running,
+                             <int64_t>ts_ms // 1000 if ts_ms > 0 else 0))
     return out
 
 
@@ -815,6 +1060,8 @@ cdef class Router:
     :param resume_max_age_ms: oldest position a client may resume from.
     :param state_max_assessments: assessments whose latest state is kept for
         the snapshot on connect.
+    :param resume: keep positions, resume buffers and snapshot state (on in the
+        service; off only to measure what they cost, side by side).
     :param token_verifier: ``verify(token) -> Identity`` for ``refresh``
         messages; raises on a bad token.
     :param on_closed: called as ``on_closed(connection, close_code)`` after a
@@ -828,7 +1075,7 @@ cdef class Router:
                   int resume_buffer_size=256,
                   Py_ssize_t resume_buffer_max_bytes=64 * 1024 * 1024,
                   double resume_max_age_ms=300000, Py_ssize_t state_max_assessments=100000,
-                  object token_verifier=None, object on_closed=None):
+                  bint resume=True, object token_verifier=None, object on_closed=None):
         self._rooms = {}
         self._conns = []
         self._dirty = []
@@ -846,7 +1093,7 @@ cdef class Router:
         self._token_verifier = token_verifier
         self._live = True
         self._warm = []
-        self._assessments = {}
+        self._assessments = collections.OrderedDict()
         self._prices = {}
         self._positions = {}
         self._pkey_topics = {}
@@ -855,6 +1102,7 @@ cdef class Router:
         self._buffer_max_bytes = resume_buffer_max_bytes
         self._resume_max_age_s = resume_max_age_ms / 1000.0
         self._state_max = state_max_assessments
+        self._track = resume
         self._next_ping = _monotonic() + self._heartbeat_interval_s
         self._closed_by_code = {}
         self._loop_thread = PyThread_get_thread_ident()
@@ -963,51 +1211,114 @@ cdef class Router:
         """Route one batch of confluent-kafka messages and flush every write.
 
         Each record is decoded, normalized, serialized and framed once; each
-        connection then gets one write for the whole batch.
+        connection then gets one write for the whole batch. Records of
+        different partitions are routed in record-time order (see
+        ``_merge_partitions``), each partition's in offset order.
         """
         if PUSHSVC_DEBUG:
             assert PyThread_get_thread_ident() == self._loop_thread, \
                 "Router.deliver called off the loop thread"
         cdef int reason
+        cdef Py_ssize_t count = 0, i
+        cdef _Record* records
+        cdef _Record* r
+        cdef int64_t ts_ms, pkey, offset, run_pkey = -1, run_offset = -1, run_ts = 0
+        cdef bint ordered = True, monotone = True
+        cdef list messages = []
+        cdef list topics = []
+        cdef dict run_ends = None
         self.batches += 1
         self._check_live()
-        cdef list records = []
-        for msg in batch:
-            err = msg.error()
-            if err is not None:
-                self._count_drop(DROP_KAFKA_ERROR, msg.topic(), err)
-                continue
-            ts = msg.timestamp()
-            topic = msg.topic()
-            partition = msg.partition()
-            records.append(((<tuple>ts)[1] if (<tuple>ts)[0] else _epoch_ms(),
-                            _pkey(topic, partition), msg.offset(), topic, partition,
-                            msg))
+        self._now = _monotonic()
+        records = <_Record*>PyMem_Malloc((len(batch) + 1) * sizeof(_Record))
+        if records == NULL:
+            raise MemoryError()
         try:
-            for ts_ms, pkey, offset, topic, partition, msg in _merge_partitions(records):
-                self._positions[pkey] = offset + 1
-                if pkey not in self._first_offsets:
-                    self._first_offsets[pkey] = offset
-                    self._pkey_topics[pkey] = (topic, partition)
+            # Pass 1: what each record is, without touching its value. A
+            # batch arrives in runs of one partition; per-partition state is
+            # updated once per run.
+            for msg in batch:
+                err = msg.error()
+                if err is not None:
+                    self._count_drop(DROP_KAFKA_ERROR, msg.topic(), err)
+                    continue
+                ts = msg.timestamp()
+                topic = msg.topic()
+                offset = msg.offset()
+                ts_ms = (<tuple>ts)[1] if (<tuple>ts)[0] else _epoch_ms()
+                pkey = _pkey(topic, msg.partition())
+                if pkey != run_pkey:
+                    if run_pkey >= 0:
+                        self._positions[run_pkey] = run_offset + 1
+                        if run_ends is None:
+                            run_ends = {}
+                        run_ends[run_pkey] = run_ts
+                        previous = run_ends.get(pkey)
+                        if previous is not None and <int64_t>previous > ts_ms:
+                            monotone = False
+                    if pkey not in self._first_offsets:
+                        self._first_offsets[pkey] = offset
+                        self._pkey_topics[pkey] = (topic, msg.partition())
+                    run_pkey = pkey
+                elif ts_ms < run_ts:
+                    monotone = False
+                run_offset = offset
+                run_ts = ts_ms
+                r = &records[count]
+                r.ts = ts_ms
+                r.pkey = pkey
+                r.offset = offset
+                r.index = count
+                if count and ordered and _record_order(r - 1, r) > 0:
+                    ordered = False
+                messages.append(msg)
+                topics.append(topic)
+                count += 1
+            if run_pkey >= 0:
+                self._positions[run_pkey] = run_offset + 1
+            if not ordered:
+                if monotone:
+                    qsort(records, count, sizeof(_Record), _record_order)
+                else:
+                    self._merge_records(records, count)
+            # Pass 2: decode, position and route, in that order.
+            for i in range(count):
+                r = &records[i]
+                msg = messages[r.index]
+                topic = topics[r.index]
                 if not self._live:
                     # History read back at start: kept, then replayed in
                     # record-time order, so positions come out as a live
                     # replica computed them, not in per-partition chunks.
-                    self._warm.append((ts_ms, pkey, offset, topic, partition,
+                    self._warm.append((r.ts, r.pkey, r.offset, topic, msg.partition(),
                                        msg.value(), msg.key()))
                     if len(self._warm) >= 500_000:
                         self._process_warm()
                     continue
-                reason = self._decode(msg.value(), topic, msg.key(), ts_ms,
-                                      partition, offset, True)
+                reason = self._decode(msg.value(), <str>topic, msg.key(), r.ts,
+                                      r.pkey, r.offset, True)
                 self.kafka_processed += 1
                 if reason != DROP_NONE:
                     self._count_drop(reason, topic, msg.value())
                     continue
                 self._fan_out()
         finally:
+            PyMem_Free(records)
             self._ev_payload = None
             self._flush()
+
+    cdef int _merge_records(self, _Record* records, Py_ssize_t count) except -1:
+        # Some partition's record times go backwards: a k-way merge by
+        # partition keeps every partition's own order.
+        cdef Py_ssize_t i
+        cdef list items = [(records[i].ts, records[i].pkey, records[i].offset,
+                            records[i].index) for i in range(count)]
+        for i, item in enumerate(_merge_partitions(items)):
+            records[i].ts = (<tuple>item)[0]
+            records[i].pkey = (<tuple>item)[1]
+            records[i].offset = (<tuple>item)[2]
+            records[i].index = (<tuple>item)[3]
+        return 0
 
     def route(self, object value, str topic, object key=None, object timestamp_ms=None):
         """Route one record given as its parts; returns the drop reason or None.
@@ -1037,7 +1348,7 @@ cdef class Router:
         :raises ValueError: with the drop reason as its message.
         """
         cdef int reason = self._decode(value, topic, key, <int64_t>timestamp_ms,
-                                       0, -1, False)
+                                       -1, -1, False)
         if reason != DROP_NONE:
             raise ValueError(_DROP_REASONS[reason])
         payload = self._ev_payload
@@ -1045,7 +1356,7 @@ cdef class Router:
         return _KIND_NAMES[self._ev_kind], self._ev_room, payload
 
     cdef int _decode(self, object raw, str topic, object key, int64_t ts_ms,
-                     int partition=0, int64_t offset=-1, bint track=True) except -1:
+                     int64_t pkey=-1, int64_t offset=-1, bint track=True) except -1:
         cdef dict event
         cdef dict out
         cdef int kind
@@ -1088,6 +1399,9 @@ cdef class Router:
                 return DROP_MISSING_ASSESSMENT
             if "assessmentId" not in out or _room_of(out["assessmentId"]) is None:
                 out["assessmentId"] = room
+            if "pos" in out:
+                # Reserved for the resume position, which the router adds.
+                del out["pos"]
         if "timestamp" not in out:
             out["timestamp"] = iso_utc(ts_ms)
         # Conflation key for clients that are behind: only the newest of
@@ -1104,43 +1418,63 @@ cdef class Router:
         self._ev_kind = kind
         self._ev_room = room
         self._ev_offset = offset
-        self._ev_pkey = _pkey(topic, partition) if offset >= 0 else -1
-        cdef _AssessmentState st = None
-        if track and offset >= 0 and room is not None:
-            # The position is the assessment's vector after this record; it
-            # goes last so that replays can re-position by splicing.
-            st = self._state(room)
-            st.vector[self._ev_pkey] = offset
-            out["pos"] = encode_pos(st.vector, ts_ms // 1000 if ts_ms > 0 else 0)
-        self._ev_payload = _dumps(out)
-        if track and offset >= 0:
-            if st is not None:
+        self._ev_pkey = pkey if offset >= 0 else -1
+        cdef bytes base = _dumps(out)
+        cdef _AssessmentState st
+        self._ev_payload = base
+        if track and self._track and offset >= 0:
+            if room is not None:
+                # The position is the assessment's vector after this record,
+                # spliced in as the payload's last field.
+                st = self._state(room)
+                _vec_set(&st.pos, pkey, offset)
+                self._ev_payload = st.positioned(base, ts_ms // 1000 if ts_ms > 0 else 0)
                 self._remember(st, event, ts_ms)
             elif kind == KIND_MARKET_PRICE:
                 market = str(event.get("market"))
                 if market in self._prices or len(self._prices) < 10_000:
-                    self._prices[market] = self._ev_payload
+                    self._prices[market] = base
         return DROP_NONE
 
     cdef _AssessmentState _state(self, str room):
-        # Least recently updated first: touching an assessment moves it to the
-        # end, and the first one is evicted when there are too many.
+        # Eviction is approximately least recently updated: assessments sit in
+        # insertion order, each update only stamps a tick, and the oldest
+        # entry gets a second chance (moves to the end) if it was updated
+        # lately. That keeps the per-record cost at one lookup.
         cdef _AssessmentState st
-        found = self._assessments.pop(room, None)
-        if found is None:
-            st = _AssessmentState()
-            if len(self._assessments) >= self._state_max:
-                oldest = next(iter(self._assessments))
-                gone = <_AssessmentState>self._assessments.pop(oldest)
-                self.buffer_bytes -= gone.nbytes
-                self.buffer_entries -= len(gone.buffer)
-                self.state_evictions += 1
-        else:
+        cdef PyObject* found = PyDict_GetItem(self._assessments, room)
+        if found != NULL:
             st = <_AssessmentState>found
-        self._assessments[room] = st
+        else:
+            if len(self._assessments) >= self._state_max:
+                self._evict_state()
+            st = _AssessmentState()
+            self._assessments[room] = st
+        self._tick += 1
+        st.touched = self._tick
         return st
 
+    cdef int _evict_state(self) except -1:
+        cdef _AssessmentState gone
+        cdef uint64_t recent = <uint64_t>(len(self._assessments) // 2)
+        cdef int attempt
+        for attempt in range(64):
+            oldest, found = self._assessments.popitem(last=False)
+            gone = <_AssessmentState>found
+            if self._tick - gone.touched < recent and attempt < 63:
+                self._assessments[oldest] = gone
+                continue
+            self.buffer_bytes -= gone.nbytes
+            self.buffer_entries -= gone.kept_len
+            self.state_evictions += 1
+            return 0
+        return 0
+
     cdef int _remember(self, _AssessmentState st, dict event, int64_t ts_ms) except -1:
+        # Kept as sent, pos and all: the bytes orjson wrote are then freed
+        # at once, while they are still in cache, and what stays is a small
+        # exact-size object. The snapshot strips the pos (it holds state, not
+        # positions); a replay positions each message for its client.
         cdef bytes payload = self._ev_payload
         cdef int kind = self._ev_kind
         if kind == KIND_PNL_UPDATE:
@@ -1158,40 +1492,32 @@ cdef class Router:
                 else:
                     st.positions[str(pid)] = payload
         if self._buffer_events > 0:
-            st.buffer.append((ts_ms, self._ev_pkey, self._ev_offset, payload,
-                              _monotonic()))
+            if st.kept_len >= self._buffer_events:
+                self._evict_oldest(st)
+            st.keep(ts_ms, self._ev_pkey, self._ev_offset, payload, self._now,
+                    self._buffer_events)
             st.nbytes += PyBytes_GET_SIZE(payload)
             self.buffer_bytes += PyBytes_GET_SIZE(payload)
             self.buffer_entries += 1
-            self._trim(st)
+            self._trim(st, self._now)
         return 0
 
-    cdef int _trim(self, _AssessmentState st) except -1:
-        cdef double now = _monotonic()
-        cdef tuple item
-        buffer = st.buffer
-        while buffer and (len(buffer) > self._buffer_events or
-                          now - (<tuple>buffer[0])[4] > self._resume_max_age_s):
-            item = <tuple>buffer.popleft()
-            self._evict(st, item)
+    cdef int _trim(self, _AssessmentState st, double now) except -1:
+        while st.kept_len and now - st.kept[st.kept_head].at > self._resume_max_age_s:
+            self._evict_oldest(st)
         if self.buffer_bytes > self._buffer_max_bytes:
             # Over the global cap: the least recently active assessments give
             # up their oldest messages first.
             for other in self._assessments.values():
-                while (<_AssessmentState>other).buffer and \
+                while (<_AssessmentState>other).kept_len and \
                         self.buffer_bytes > self._buffer_max_bytes:
-                    self._evict(<_AssessmentState>other,
-                                <tuple>(<_AssessmentState>other).buffer.popleft())
+                    self._evict_oldest(<_AssessmentState>other)
                 if self.buffer_bytes <= self._buffer_max_bytes:
                     break
         return 0
 
-    cdef int _evict(self, _AssessmentState st, tuple item) except -1:
-        pkey = item[1]
-        offset = item[2]
-        if offset > st.evicted.get(pkey, -1):
-            st.evicted[pkey] = offset
-        size = len(<bytes>item[3])
+    cdef int _evict_oldest(self, _AssessmentState st) except -1:
+        cdef Py_ssize_t size = st.drop_oldest()
         st.nbytes -= size
         self.buffer_bytes -= size
         self.buffer_entries -= 1
@@ -1217,13 +1543,15 @@ cdef class Router:
             parts.append(b',"pnl":null,"rules":[],"assessment":null,"positions":[]')
         else:
             parts += [
-                b',"pnl":', st.pnl if st.pnl is not None else b"null",
-                b',"rules":[', b",".join(st.rules.values()),
-                b'],"assessment":', st.status if st.status is not None else b"null",
-                b',"positions":[', b",".join(st.positions.values()), b"]",
+                b',"pnl":', _strip_pos(st.pnl) if st.pnl is not None else b"null",
+                b',"rules":[', b",".join([_strip_pos(p) for p in st.rules.values()]),
+                b'],"assessment":',
+                _strip_pos(st.status) if st.status is not None else b"null",
+                b',"positions":[',
+                b",".join([_strip_pos(p) for p in st.positions.values()]), b"]",
             ]
         if conn.assessment_id is not None:
-            vector = {} if st is None else st.vector
+            vector = {} if st is None else st.vector()
             parts += [b',"pos":"', encode_pos(vector, _epoch_ms() // 1000).encode(), b'"']
         parts.append(b"}")
         return b"".join(parts)
@@ -1242,7 +1570,7 @@ cdef class Router:
         cdef list events = []
         cdef list ranges = []
         if st is not None:
-            for pkey, upto in st.evicted.items():
+            for pkey, upto in st.evicted_upto().items():
                 if upto > vector.get(pkey, -1):
                     from_kafka.add(pkey)
         for pkey, seen in vector.items():
@@ -1250,7 +1578,7 @@ cdef class Router:
             if first is not None and seen + 1 < first:
                 from_kafka.add(pkey)  # from before this replica started reading
         if st is not None:
-            for item in st.buffer:
+            for item in st.kept_items():
                 pkey = (<tuple>item)[1]
                 if pkey in from_kafka:
                     continue
@@ -1277,8 +1605,9 @@ cdef class Router:
         cdef list warm = self._warm
         cdef int reason
         self._warm = []
+        self._now = _monotonic()
         for ts_ms, pkey, offset, topic, partition, value, key in _merge_partitions(warm):
-            reason = self._decode(value, topic, key, ts_ms, partition, offset, True)
+            reason = self._decode(value, topic, key, ts_ms, pkey, offset, True)
             self.kafka_processed += 1
             if reason != DROP_NONE:
                 self._count_drop(reason, topic, value)

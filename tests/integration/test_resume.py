@@ -49,6 +49,8 @@ from utils import (
     ws_connect,
 )
 
+from pushsvc._router import decode_pos
+
 SCOPED_TOPIC_TYPES = {
     "trading.pnl": "pnl_update",
     "trading.positions": "position_update",
@@ -271,6 +273,15 @@ async def resumes(server: Server) -> dict[str, float]:
 
 def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before[k] for k in after}
+
+
+def produce_in_sequence(broker: Broker, records: list[Record]) -> None:
+    """Each record acknowledged before the next, in distinct milliseconds."""
+    producer = KafkaProducer(broker.bootstrap)
+    for topic, value, key in records:
+        time.sleep(0.002)
+        producer.send(topic, value, key=key)
+        producer.flush()
 
 
 async def produce_async(broker: Broker, records: list[Record]) -> None:
@@ -684,8 +695,13 @@ async def test_snapshot_holds_the_latest_state(server: Server, broker: Broker) -
 
 def canonical_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
     """The snapshot without its own timestamp, with its lists in a fixed order
-    (the contract gives them no order)."""
+    (the contract gives them no order), and its pos as the Kafka position it
+    stands for (partition key -> offset) plus the token's age."""
     out = {k: v for k, v in snap.items() if k != "timestamp"}
+    if "pos" in snap:
+        issued, vector = decode_pos(snap["pos"])
+        assert abs(time.time() - issued) < 5, "a snapshot's pos is issued now"
+        out["pos"] = vector
     out["marketPrices"] = sorted(snap["marketPrices"], key=lambda m: str(m["market"]))
     out["rules"] = sorted(snap["rules"], key=lambda m: str(m["rule"]))
     out["positions"] = sorted(snap["positions"], key=lambda m: str(m["positionId"]))
@@ -694,17 +710,45 @@ def canonical_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="known gap (issue 5 stays open): the same content, but a message's pos "
-    "is the assessment's per-partition vector at the moment it was processed, and a "
-    "replica reading back history can interleave partitions differently from one "
-    "that consumed live when records share a millisecond; resume itself is exact "
-    "either way (it compares per-partition offsets)",
+    reason="known gap (issue 5 blocked): Kafka orders records within a partition "
+    "only; two consumers can receive an assessment's records from different "
+    "partitions in a different order even milliseconds apart (about 1 run in 3 "
+    "here), and a position must describe what its client received, so the "
+    "vectors differ. Resume stays exact across replicas either way.",
 )
+async def test_two_live_replicas_give_each_event_the_same_pos(
+    server: Server, broker: Broker
+) -> None:
+    """The same events, consumed live by two server processes, carry the same
+    pos on both: positions come from Kafka, not from the replica. The events
+    are written in sequence a few milliseconds apart, as one producer of an
+    assessment's events would; records on different partitions that share a
+    millisecond have no order in Kafka (see the README's "Positions")."""
+    assessment, tag = uid(), uid("tag")
+    with run_server(broker) as server2:
+        async with (
+            session(server, assessment) as c1,
+            session(server2, assessment) as c2,
+        ):
+            await expect_fresh_start(c1)
+            await expect_fresh_start(c2)
+            await asyncio.to_thread(
+                produce_in_sequence,
+                broker,
+                gap_records(assessment, tag, 0, 12, GAP_TOPICS),
+            )
+            got1 = await c1.collect(tagged(tag), 12)
+            got2 = await c2.collect(tagged(tag), 12)
+    assert sorted(m["seq"] for m in got1) == list(range(12))
+    assert [(m["seq"], m["pos"]) for m in got1] == [(m["seq"], m["pos"]) for m in got2]
+
+
 async def test_fresh_replica_serves_the_same_snapshot(
     server: Server, broker: Broker
 ) -> None:
     """State produced while server 1 runs; server 2 started afterwards warms up
-    from Kafka; a client on each gets the same snapshot (timestamp aside)."""
+    from Kafka; a client on each gets the same snapshot (timestamp aside), and
+    the same position in it (the time inside the token is when it was issued)."""
     assessment = uid()
     markets = (uid("M1"), uid("M2"))
     await produce_state(server, broker, assessment, markets)

@@ -70,3 +70,42 @@ class FakeClients:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class FakeRecord:
+    """The confluent-kafka ``Message`` methods the router calls."""
+
+    __slots__ = ("_value", "_topic", "_partition", "_offset", "_ts", "_key")
+
+    def __init__(
+        self,
+        value: bytes,
+        topic: str,
+        partition: int,
+        offset: int,
+        ts_ms: int,
+        key: bytes | None = None,
+    ) -> None:
+        self._value, self._topic, self._partition = value, topic, partition
+        self._offset, self._ts, self._key = offset, ts_ms, key
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._ts)
