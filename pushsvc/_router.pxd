@@ -234,10 +234,4 @@ cdef class BatchHandoff:
         bint _scheduled
         readonly uint64_t wakeups
         readonly uint64_t batches
-        readonly uint64_t conflated
-        readonly uint64_t slow_client_closes
-        readonly uint64_t rate_limit_closes
-        readonly uint64_t token_expiry_closes
-        readonly uint64_t refreshes
-        readonly Py_ssize_t paused_connections
         unsigned long _loop_thread
