@@ -86,6 +86,7 @@ from picows import (
 from benchmarks import data, floor
 from pushsvc.auth import mint_token
 from pushsvc.broker import EmbeddedBroker, free_port
+from pushsvc.config import env_names
 
 LOOPBACK = "127.0.0.1"
 BASELINE_MODULE = "benchmarks.baselines.websockets_server"
@@ -93,26 +94,8 @@ SERVER_COMMANDS: dict[str, list[str]] = {
     "pushsvc": [sys.executable, "-m", "pushsvc", "serve"],
     "baseline": [sys.executable, "-m", BASELINE_MODULE],
 }
-SERVICE_ENV_VARS = (
-    "PORT",
-    "HOST",
-    "JWT_SECRET",
-    "HEARTBEAT_INTERVAL",
-    "CONNECTION_TIMEOUT",
-    "NODE_ENV",
-    "LOG_LEVEL",
-    "KAFKA_BROKERS",
-    "KAFKA_CLIENT_ID",
-    "KAFKA_GROUP_ID",
-    "KAFKA_TOPICS",
-    "KAFKA_TOPIC_REFRESH_INTERVAL",
-    "KAFKA_BATCH_SIZE",
-    "KAFKA_FETCH_WAIT_MAX_MS",
-    "MAX_FRAME_SIZE",
-    "MAX_INVALID_FRAMES",
-    "HANDSHAKE_TIMEOUT",
-    "LISTEN_BACKLOG",
-)
+SERVICE_ENV_VARS = env_names()
+"""Every variable the service reads: a server started here inherits none of them."""
 
 READY_TIMEOUT_S = 30.0
 """Upper bound (seconds) for a server to answer ``GET /ready`` with 200."""

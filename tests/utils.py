@@ -40,6 +40,8 @@ import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from pushsvc.config import env_names
+
 TIMEOUT = 10.0
 """Upper bound (seconds) for any single await / wait in the tests."""
 
@@ -54,22 +56,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 JWT_SECRET = "pushsvc-integration-test-secret-" + "k" * 48
 WRONG_SECRET = "some-other-secret-that-the-server-does-not-know-" + "w" * 32
 
-SERVICE_ENV_VARS = (
-    "PORT",
-    "HOST",
-    "JWT_SECRET",
-    "HEARTBEAT_INTERVAL",
-    "CONNECTION_TIMEOUT",
-    "NODE_ENV",
-    "KAFKA_BROKERS",
-    "KAFKA_CLIENT_ID",
-    "KAFKA_GROUP_ID",
-    "KAFKA_TOPICS",
-    "KAFKA_TOPIC_REFRESH_INTERVAL",
-    "MAX_FRAME_SIZE",
-    "MAX_INVALID_FRAMES",
-    "LOG_LEVEL",
-)
+SERVICE_ENV_VARS = env_names()
+"""Every variable the service reads: a server started here inherits none of them."""
 
 TOPIC_TYPES: dict[str, str] = {
     "market-data.prices": "market_price",
