@@ -158,6 +158,37 @@ _ROUTER_SCALARS: tuple[
 )
 
 
+# Router counters kept per label value: (name, help, label, stats key).
+_ROUTER_BY_LABEL: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "websocket_resumes_total",
+        "Reconnects with since=<pos>: served from memory, read back from "
+        "Kafka, or refused (resync_required).",
+        "source",
+        "resumes",
+    ),
+    (
+        "websocket_kafka_events_dropped_total",
+        "Kafka records dropped without reaching a client, by reason.",
+        "reason",
+        "dropped",
+    ),
+    (
+        "websocket_client_frames_ignored_total",
+        "Client frames ignored (not JSON, not an object, unknown type, "
+        "binary, fragmented), by reason.",
+        "reason",
+        "ignored",
+    ),
+    (
+        "websocket_connections_closed_total",
+        "Closed connections by WebSocket close code (1006: no close frame).",
+        "code",
+        "closed",
+    ),
+)
+
+
 class _ServiceCollector(Collector):
     def __init__(
         self,
@@ -173,40 +204,11 @@ class _ServiceCollector(Collector):
         stats = self._router.stats()
         for family, name, documentation, key in _ROUTER_SCALARS:
             yield family(name, documentation, value=stats[key])
-        resumes = CounterMetricFamily(
-            "websocket_resumes_total",
-            "Reconnects with since=<pos>: served from memory, read back from "
-            "Kafka, or refused (resync_required).",
-            labels=["source"],
-        )
-        for source, count in stats["resumes"].items():
-            resumes.add_metric([source], count)
-        yield resumes
-        dropped = CounterMetricFamily(
-            "websocket_kafka_events_dropped_total",
-            "Kafka records dropped without reaching a client, by reason.",
-            labels=["reason"],
-        )
-        for reason, count in stats["dropped"].items():
-            dropped.add_metric([reason], count)
-        yield dropped
-        ignored = CounterMetricFamily(
-            "websocket_client_frames_ignored_total",
-            "Client frames ignored (not JSON, not an object, unknown type, "
-            "binary, fragmented), by reason.",
-            labels=["reason"],
-        )
-        for reason, count in stats["ignored"].items():
-            ignored.add_metric([reason], count)
-        yield ignored
-        closed = CounterMetricFamily(
-            "websocket_connections_closed_total",
-            "Closed connections by WebSocket close code (1006: no close frame).",
-            labels=["code"],
-        )
-        for code, count in sorted(stats["closed"].items()):
-            closed.add_metric([str(code)], count)
-        yield closed
+        for name, documentation, label, key in _ROUTER_BY_LABEL:
+            counter = CounterMetricFamily(name, documentation, labels=[label])
+            for value, count in sorted(stats[key].items(), key=lambda kv: str(kv[0])):
+                counter.add_metric([str(value)], count)
+            yield counter
         if self._handoff is not None:
             yield CounterMetricFamily(
                 "websocket_kafka_loop_wakeups_total",
