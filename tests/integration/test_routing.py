@@ -39,16 +39,22 @@ def seed_prestart_records(broker: Broker) -> None:
     """Create the topics and put records in them that a server started
     afterwards must not push to anyone."""
     create_topics(broker.bootstrap, STANDARD_TOPICS)
+    produce_on_prestart_partitions(broker, old=True)
+
+
+def produce_on_prestart_partitions(broker: Broker, **fields: Any) -> None:
+    """A pnl_update of the pre-start assessment and a price of the pre-start
+    symbol, on the partitions the records seeded before start went to."""
     produce(
         broker.bootstrap,
         "trading.pnl",
-        {"assessmentId": PRESTART_ASSESSMENT, "old": True},
+        {"assessmentId": PRESTART_ASSESSMENT, **fields},
         key=PRESTART_ASSESSMENT,
     )
     produce(
         broker.bootstrap,
         "market-data.prices",
-        {"symbol": PRESTART_SYMBOL, "old": True},
+        {"symbol": PRESTART_SYMBOL, **fields},
         key=PRESTART_SYMBOL,
     )
 
@@ -439,18 +445,7 @@ async def test_records_from_before_start_are_not_delivered(
     are not delivered; new ones on the same partitions are."""
     tag = uid("tag")
     async with client(server, uid("u"), PRESTART_ASSESSMENT) as c:
-        produce(
-            broker.bootstrap,
-            "trading.pnl",
-            {"assessmentId": PRESTART_ASSESSMENT, "tag": tag},
-            key=PRESTART_ASSESSMENT,
-        )
-        produce(
-            broker.bootstrap,
-            "market-data.prices",
-            {"symbol": PRESTART_SYMBOL, "tag": tag},
-            key=PRESTART_SYMBOL,
-        )
+        produce_on_prestart_partitions(broker, tag=tag)
         await c.collect(tagged(tag), 2)
         await c.collect_for(0.2)
     old = [m for m in c.received if m.get("old")]
